@@ -1,0 +1,158 @@
+"""The management API that `llmctl` speaks, served only on the unix socket."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .errors import UnknownModelError
+from .manager import Manager
+
+PROGRESS_SECONDS = 0.5
+FOLLOW_POLL_SECONDS = 0.25
+MAX_LOG_LINES = 10_000
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _ndjson(event: dict[str, Any]) -> bytes:
+    return (json.dumps(event) + "\n").encode()
+
+
+class ManagementApi:
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+
+    def _model(self, request: Request) -> str:
+        name = request.path_params["name"]
+        return self.manager.resolve(name).name
+
+    async def ps(self, request: Request) -> Response:
+        return JSONResponse({"models": self.manager.status()})
+
+    async def profiles(self, request: Request) -> Response:
+        found = self.manager.profiles
+        rows = [
+            {
+                "name": name,
+                "engine": profile.engine,
+                "valid": True,
+                "aliases": profile.aliases,
+                "model": str(profile.model.path or profile.model.hf_repo),
+                "ttl": profile.policy.ttl,
+                "state": self.manager.instances[name].state.value if name in self.manager.instances else "stopped",
+                "source": str(found.sources[name]),
+                "error": None,
+            }
+            for name, profile in found.profiles.items()
+        ]
+        rows += [
+            {"name": name, "engine": None, "valid": False, "aliases": [], "model": None, "ttl": None,
+             "state": None, "source": str(found.sources[name]), "error": error}
+            for name, error in found.errors.items()
+        ]
+        return JSONResponse({"profiles": sorted(rows, key=lambda row: row["name"])})
+
+    async def load(self, request: Request) -> Response:
+        """Stream NDJSON progress until the model is ready or its load failed."""
+        name = self._model(request)
+        load = await self.manager.start_loading(name)
+        inst = self.manager.instance(name)
+
+        async def events() -> AsyncIterator[bytes]:
+            started = time.monotonic()
+            if load is not None:
+                while not load.done.is_set():
+                    with anyio.move_on_after(PROGRESS_SECONDS):
+                        await load.done.wait()
+                    if load.done.is_set():
+                        break
+                    last = self.manager.log_tail(name, 1)
+                    yield _ndjson({
+                        "event": "progress",
+                        "model": name,
+                        "elapsed_s": round(time.monotonic() - started, 1),
+                        "message": inst.progress,
+                        "log": last[0] if last else "",
+                    })
+                if load.error is not None:
+                    yield _ndjson({"event": "error", "model": name, "message": str(load.error)})
+                    return
+            row = next(r for r in self.manager.status() if r["model"] == name)
+            yield _ndjson({"event": "ready", "model": name, "status": row})
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    async def unload(self, request: Request) -> Response:
+        name = self._model(request)
+        stopped = await self.manager.unload(name)
+        return JSONResponse({"model": name, "unloaded": stopped})
+
+    async def unload_all(self, request: Request) -> Response:
+        running = [row["model"] for row in self.manager.status() if row["state"] in ("ready", "starting")]
+        await self.manager.stop_all()
+        return JSONResponse({"unloaded": running})
+
+    async def logs(self, request: Request) -> Response:
+        name = self._model(request)
+        try:
+            lines = min(MAX_LOG_LINES, max(0, int(request.query_params.get("lines", "50"))))
+        except ValueError:
+            return _error(400, "lines must be a whole number")
+        follow = request.query_params.get("follow") in ("1", "true", "yes")
+        path = self.manager.log_path(name)
+
+        async def stream() -> AsyncIterator[bytes]:
+            tail = self.manager.log_tail(name, lines)
+            if tail:
+                yield ("\n".join(tail) + "\n").encode()
+            if not follow:
+                return
+            position = path.stat().st_size if path.exists() else 0
+            while True:
+                await anyio.sleep(FOLLOW_POLL_SECONDS)
+                size = path.stat().st_size if path.exists() else 0
+                if size < position:  # truncated or replaced: start over
+                    position = 0
+                if size > position:
+                    with path.open("rb") as fh:
+                        fh.seek(position)
+                        data = fh.read(size - position)
+                    position = size
+                    yield data
+
+        return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+
+async def _unknown_model(request: Request, exc: Exception) -> Response:
+    return _error(404, str(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+
+
+def build_api_app(manager: Manager) -> Starlette:
+    api = ManagementApi(manager)
+    routes = [
+        Route("/v1/ps", api.ps, methods=["GET"]),
+        Route("/v1/profiles", api.profiles, methods=["GET"]),
+        Route("/v1/models/{name}/load", api.load, methods=["POST"]),
+        Route("/v1/models/{name}/unload", api.unload, methods=["POST"]),
+        Route("/v1/models/{name}/logs", api.logs, methods=["GET"]),
+        Route("/v1/unload", api.unload_all, methods=["POST"]),
+    ]
+    handlers = {UnknownModelError: _unknown_model, HTTPException: _http_error}
+    return Starlette(routes=routes, exception_handlers=handlers)

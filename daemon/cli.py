@@ -1,0 +1,229 @@
+"""`llmctl`: talk to a running llmd over its unix socket.
+
+Exit codes scripts can rely on:
+  0  done
+  1  the daemon refused or failed the action (the message says why)
+  2  bad usage (unknown command, bad option)
+  3  the daemon is not reachable on its socket
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import httpx
+
+from .config import config_path_from_env, default_socket, load_config
+from .durations import format_duration
+from .errors import LlmdError
+
+EXIT_FAILED = 1
+EXIT_UNREACHABLE = 3
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    click.echo(f"llmctl: {message}", err=True)
+    sys.exit(code)
+
+
+class Daemon:
+    """A small client for the management API."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.client = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(socket_path)),
+            base_url="http://llmd",
+            timeout=httpx.Timeout(30.0, read=None),
+        )
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError):
+            _fail(
+                f"cannot reach llmd on {self.socket_path}: is `llmd serve` running? "
+                "(set --socket or LLMD_SOCKET if it listens elsewhere)",
+                EXIT_UNREACHABLE,
+            )
+        except PermissionError:
+            _fail(f"permission denied on {self.socket_path}: join the socket's group (e.g. `llmd`)", EXIT_UNREACHABLE)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        with self._errors():
+            response = self.client.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            _fail(_error_text(response))
+        return response.json()
+
+    def stream_lines(self, method: str, path: str, **kwargs: Any) -> Iterator[str]:
+        with self._errors():
+            with self.client.stream(method, path, **kwargs) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _fail(_error_text(response))
+                yield from response.iter_lines()
+
+    def stream_bytes(self, path: str, **kwargs: Any) -> Iterator[bytes]:
+        with self._errors():
+            with self.client.stream("GET", path, **kwargs) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _fail(_error_text(response))
+                yield from response.iter_raw()
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        error = body.get("error")
+        return error if isinstance(error, str) else json.dumps(error)
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text.strip()}"
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _dash(value: Any) -> str:
+    return "-" if value is None or value == [] else str(value)
+
+
+@click.group()
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="LLMD_SOCKET",
+              help="llmd's management socket (default: from llmd.toml, else $XDG_RUNTIME_DIR/llmd/llmd.sock)")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="llmd.toml to read paths from (default: $LLMD_CONFIG)")
+@click.pass_context
+def main(ctx: click.Context, socket_path: Path | None, config_path: Path | None) -> None:
+    """Control a running llmd: load, unload and inspect models."""
+    ctx.obj = {"socket": socket_path, "config": config_path}
+
+
+def _daemon(ctx: click.Context) -> Daemon:
+    socket_path = ctx.obj["socket"]
+    if socket_path is None:
+        path = config_path_from_env(ctx.obj["config"])
+        try:
+            socket_path = load_config(path).server.socket if path else default_socket()
+        except LlmdError as exc:
+            _fail(str(exc))
+    return Daemon(socket_path)
+
+
+@main.command()
+@click.argument("name")
+@click.pass_context
+def load(ctx: click.Context, name: str) -> None:
+    """Start NAME's engine and wait until it is ready, showing progress."""
+    daemon = _daemon(ctx)
+    interactive = sys.stderr.isatty()
+    for line in daemon.stream_lines("POST", f"/v1/models/{name}/load"):
+        if not line.strip():
+            continue
+        event = json.loads(line)
+        if event["event"] == "progress":
+            text = f"{name}: {event['message'] or 'loading'} ({event['elapsed_s']:.1f}s)"
+            if event.get("log"):
+                text += f"  | {event['log'][:100]}"
+            click.echo(("\r\x1b[2K" + text) if interactive else text, err=True, nl=not interactive)
+        elif event["event"] == "error":
+            if interactive:
+                click.echo(err=True)
+            _fail(event["message"])
+        elif event["event"] == "ready":
+            if interactive:
+                click.echo("\r\x1b[2K", err=True, nl=False)
+            status = event["status"]
+            took = f" in {status['load_s']:.2f}s" if status.get("load_s") is not None else ""
+            click.echo(f"{name} is ready{took} (pid {status['pid']}, port {status['port']})")
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--all", "unload_all", is_flag=True, help="unload every model")
+@click.pass_context
+def unload(ctx: click.Context, name: str | None, unload_all: bool) -> None:
+    """Stop NAME's engine (or every engine with --all)."""
+    if bool(name) == unload_all:
+        raise click.UsageError("give a model NAME or --all")
+    daemon = _daemon(ctx)
+    if unload_all:
+        result = daemon.call("POST", "/v1/unload")
+        click.echo(f"unloaded: {', '.join(result['unloaded']) or 'nothing was running'}")
+        return
+    result = daemon.call("POST", f"/v1/models/{name}/unload")
+    click.echo(f"{result['model']}: {'unloaded' if result['unloaded'] else 'was not running'}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON (with each engine's argv)")
+@click.pass_context
+def ps(ctx: click.Context, as_json: bool) -> None:
+    """Models that have run since the daemon started, and their state."""
+    models = _daemon(ctx).call("GET", "/v1/ps")["models"]
+    if as_json:
+        click.echo(json.dumps(models, indent=2))
+        return
+    rows = [
+        [m["model"], m["engine"], m["state"], _dash(m["pid"]), _dash(m["port"]),
+         ",".join(map(str, m["gpus"])) or "cpu", format_duration(m["uptime_s"]),
+         format_duration(m["idle_s"]), str(m["in_flight"])]
+        for m in models
+    ]
+    click.echo(_table(rows, ["model", "engine", "state", "pid", "port", "gpus", "uptime", "idle", "busy"]))
+    for m in models:
+        if m["state"] == "failed" and m["error"]:
+            click.echo(f"\n{m['model']} failed: {m['error']}", err=True)
+
+
+@main.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+def list_profiles(ctx: click.Context, as_json: bool) -> None:
+    """Profiles the daemon found, valid or not."""
+    profiles = _daemon(ctx).call("GET", "/v1/profiles")["profiles"]
+    if as_json:
+        click.echo(json.dumps(profiles, indent=2))
+        return
+    rows = [
+        [p["name"], _dash(p["engine"]), "ok" if p["valid"] else "INVALID", _dash(p["state"]),
+         ",".join(p["aliases"]) or "-", _dash(p["model"])]
+        for p in profiles
+    ]
+    click.echo(_table(rows, ["name", "engine", "profile", "state", "aliases", "model"]))
+    for p in profiles:
+        if not p["valid"]:
+            click.echo(f"\n{p['error']}", err=True)
+
+
+@main.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
+@click.option("-n", "--lines", default=50, show_default=True, help="how many lines of the end to show")
+@click.pass_context
+def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
+    """Print NAME's engine log."""
+    params = {"lines": lines, "follow": "1" if follow else "0"}
+    try:
+        for chunk in _daemon(ctx).stream_bytes(f"/v1/models/{name}/logs", params=params):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+from .cli_engines import engines  # noqa: E402  (registers the `engines` group)
+
+main.add_command(engines)

@@ -1,0 +1,23 @@
+"""One exception hierarchy for llmd, so callers catch `LlmdError` and show its message."""
+
+from __future__ import annotations
+
+
+class LlmdError(Exception):
+    """Base of every error llmd reports to a user: the message says what is wrong and how to fix it."""
+
+
+class ConfigError(LlmdError):
+    """A config or profile file is missing, unreadable or invalid."""
+
+
+class UnknownModelError(LlmdError):
+    """A request named a model that no valid profile serves."""
+
+
+class EngineStartError(LlmdError):
+    """An engine process exited or did not become ready; the message carries its log tail."""
+
+
+class EngineNotInstalledError(LlmdError):
+    """The engine binary for a profile cannot be found."""

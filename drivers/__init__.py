@@ -1,0 +1,1 @@
+"""Engine drivers: one module per engine, found through the `llmd.drivers` entry point group."""

@@ -1,0 +1,60 @@
+"""llama.cpp's `llama-server`.
+
+Every placement decision is passed explicitly (`-ngl`, `--tensor-split`, `--n-cpu-moe`) with
+`--fit off`, because llama-server's own fitting would otherwise silently change `-ngl` and `-c`
+behind the scheduler's back.
+"""
+
+from __future__ import annotations
+
+from .base import LaunchRequest, LaunchSpec, Placement, Readiness
+from .hookspecs import hookimpl
+
+# More layers than any model has: "all layers on the GPU".
+ALL_LAYERS = 999
+
+
+def placement_args(placement: Placement) -> list[str]:
+    """The flags that put the model where the scheduler decided."""
+    if placement.cpu_only:
+        return ["-ngl", "0"]
+    layers = ALL_LAYERS if placement.gpu_layers is None else placement.gpu_layers
+    args = ["-ngl", str(layers)]
+    if len(placement.gpus) > 1:
+        args += ["--split-mode", "layer", "--tensor-split", ",".join(str(s.vram_mib) for s in placement.gpus)]
+    if placement.cpu_moe_layers:
+        args += ["--n-cpu-moe", str(placement.cpu_moe_layers)]
+    return args
+
+
+class LlamaCppDriver:
+    name = "llama-cpp"
+    default_command = ["llama-server"]
+
+    def launch(self, request: LaunchRequest) -> LaunchSpec:
+        launch = request.profile.launch
+        placement = request.placement
+        argv = [
+            *request.command,
+            "--model", str(request.model_path),
+            "--host", request.host,
+            "--port", str(request.port),
+            "--alias", request.profile.name,
+            # llama-server shares -c among its slots; profiles state the context per request.
+            "--ctx-size", str(placement.ctx * launch.parallel),
+            "--parallel", str(launch.parallel),
+            "--cache-type-k", launch.cache_type,
+            "--cache-type-v", launch.cache_type,
+            "--fit", "off",
+            *placement_args(placement),
+            *launch.extra_args,
+        ]
+        env = {**request.env, **launch.env}
+        # An empty CUDA_VISIBLE_DEVICES keeps a CUDA build off every card for a CPU placement.
+        env["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices()
+        return LaunchSpec(argv=argv, env=env, readiness=Readiness(path="/health"))
+
+
+@hookimpl
+def llmd_drivers() -> list[LlamaCppDriver]:
+    return [LlamaCppDriver()]
