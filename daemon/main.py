@@ -119,3 +119,24 @@ def serve_command(config_path: Path | None) -> None:
     except LlmdError as exc:
         click.echo(f"llmd: {exc}", err=True)
         sys.exit(2)
+
+
+@main.command("init")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="llmd.toml to use (default: $LLMD_CONFIG, then ~/.config/llmd/llmd.toml)")
+@click.option("--demo", is_flag=True, help="also write a tiny demo model and its profile")
+def init_command(config_path: Path | None, demo: bool) -> None:
+    """Create llmd's directories (and, with --demo, a model to try it on)."""
+    from .init_demo import write_demo
+
+    try:
+        config = load_config(config_path_from_env(config_path))
+    except LlmdError as exc:
+        click.echo(f"llmd: {exc}", err=True)
+        sys.exit(2)
+    for directory in (config.server.state_dir, *config.server.profile_dirs):
+        directory.mkdir(parents=True, exist_ok=True)
+    click.echo(f"state: {config.server.state_dir}\nprofiles: {', '.join(map(str, config.server.profile_dirs))}")
+    if demo:
+        model, profile = write_demo(config)
+        click.echo(f"demo model: {model}\ndemo profile: {profile}")

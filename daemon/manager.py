@@ -204,7 +204,9 @@ class Manager:
                     env=dict(self.config.engine(driver.name).env),
                 )
                 spec = driver.launch(request)
-                engine = spawn_engine(profile.name, spec, port, self._log_path(profile.name))
+                engine = spawn_engine(
+                    profile.name, spec, port, self._log_path(profile.name), str(self.config.server.state_dir)
+                )
                 inst.engine, inst.placement = engine, placement
                 inst.progress = f"waiting for {profile.engine} (pid {engine.pid}) to load the model"
                 log.info("starting %s: pid %d port %d", profile.name, engine.pid, port)

@@ -187,10 +187,18 @@ class EngineProcess:
             pass
 
 
-def spawn_engine(name: str, spec: LaunchSpec, port: int, log_path: Path) -> EngineProcess:
-    """Start `spec.argv` directly (never through a shell), output appended to `log_path`."""
+# Set in every engine's environment, so a process left behind can be traced to its daemon.
+OWNER_ENV = "LLMD_OWNER"
+MODEL_ENV = "LLMD_MODEL"
+
+
+def spawn_engine(name: str, spec: LaunchSpec, port: int, log_path: Path, owner: str) -> EngineProcess:
+    """Start `spec.argv` directly (never through a shell), output appended to `log_path`.
+
+    `owner` (the daemon's state dir) is recorded in the engine's environment.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **spec.env}
+    env = {**os.environ, **spec.env, OWNER_ENV: owner, MODEL_ENV: name}
     with log_path.open("ab") as log_file:
         header = f"\n===== llmd: starting {name} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {spec.argv}\n"
         log_file.write(header.encode())
