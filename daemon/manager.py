@@ -186,58 +186,72 @@ class Manager:
         self._tg.start_soon(self._load, inst, inst.load)
 
     async def _load(self, inst: Instance, load: Load) -> None:
-        engine: EngineProcess | None = None
+        """Run one load to its end, whatever ends it: ready, failed, unloaded, or daemon shutdown."""
+        started: list[EngineProcess] = []
         try:
             with load.scope:
-                profile = inst.profile
-                driver = self.drivers[profile.engine]
-                placement = self._plan(profile)
-                model_path = self._model_path(profile)
-                port = free_port(ENGINE_HOST, self._ports_in_use())
-                request = LaunchRequest(
-                    profile=profile,
-                    placement=placement,
-                    model_path=model_path,
-                    host=ENGINE_HOST,
-                    port=port,
-                    command=resolve_command(self.config, driver),
-                    env=dict(self.config.engine(driver.name).env),
-                )
-                spec = driver.launch(request)
-                engine = spawn_engine(
-                    profile.name, spec, port, self._log_path(profile.name), str(self.config.server.state_dir)
-                )
-                inst.engine, inst.placement = engine, placement
-                inst.progress = f"waiting for {profile.engine} (pid {engine.pid}) to load the model"
-                log.info("starting %s: pid %d port %d", profile.name, engine.pid, port)
-                await engine.wait_ready(spec, self.config.server.ready_timeout, self._probe_client)
+                await self._start_engine(inst, started)
         except LlmdError as exc:
             load.error = exc
         except Exception as exc:  # a driver bug must fail this load, not the daemon
             log.exception("loading %s failed", inst.name)
             load.error = EngineStartError(f"loading {inst.name!r} failed: {exc!r}")
-        if load.scope.cancelled_caught and load.error is None:
-            load.error = EngineStartError(f"{inst.name!r} was unloaded while it was starting")
-
-        if load.error is None and engine is not None:
+        except BaseException:  # the daemon is shutting down: clean up, then let it go on
+            with anyio.CancelScope(shield=True):
+                await self._abandon_load(inst, load, started, State.STOPPED, "llmd is shutting down")
+            raise
+        if load.scope.cancelled_caught:
+            await self._abandon_load(inst, load, started, State.STOPPED, "it was unloaded while starting")
+        elif load.error is not None:
+            await self._abandon_load(inst, load, started, State.FAILED, None)
+        else:
+            engine = started[0]
             inst.state = State.READY
-            inst.ready_at = time.monotonic()
-            inst.last_used = inst.ready_at
+            inst.ready_at = inst.last_used = time.monotonic()
             inst.load_seconds = inst.ready_at - load.started
             inst.progress = ""
             log.info("%s ready in %.2fs", inst.name, inst.load_seconds)
             assert self._tg is not None
             self._tg.start_soon(self._watch_exit, inst, engine)
-        else:
-            log.warning("load of %s failed: %s", inst.name, load.error)
-            if engine is not None:
-                with anyio.CancelScope(shield=True):
-                    await engine.stop(self.config.server.stop_grace)
-            inst.engine = None
-            inst.state = State.FAILED
-            inst.error = str(load.error)
-            inst.progress = ""
-            inst.stopped.set()
+            load.done.set()
+
+    async def _start_engine(self, inst: Instance, started: list[EngineProcess]) -> None:
+        """Plan, spawn and wait for readiness; the spawned engine is appended to `started` at once."""
+        profile = inst.profile
+        driver = self.drivers[profile.engine]
+        placement = self._plan(profile)
+        port = free_port(ENGINE_HOST, self._ports_in_use())
+        request = LaunchRequest(
+            profile=profile,
+            placement=placement,
+            model_path=self._model_path(profile),
+            host=ENGINE_HOST,
+            port=port,
+            command=resolve_command(self.config, driver),
+            env=dict(self.config.engine(driver.name).env),
+        )
+        spec = driver.launch(request)
+        engine = spawn_engine(profile.name, spec, port, self._log_path(profile.name), str(self.config.server.state_dir))
+        started.append(engine)
+        inst.engine, inst.placement = engine, placement
+        inst.progress = f"waiting for {profile.engine} (pid {engine.pid}) to load the model"
+        log.info("starting %s: pid %d port %d", profile.name, engine.pid, port)
+        await engine.wait_ready(spec, self.config.server.ready_timeout, self._probe_client)
+
+    async def _abandon_load(
+        self, inst: Instance, load: Load, started: list[EngineProcess], state: State, why: str | None
+    ) -> None:
+        if load.error is None:
+            load.error = EngineStartError(f"{inst.name!r} did not start: {why}")
+        log.warning("load of %s ended: %s", inst.name, load.error)
+        with anyio.CancelScope(shield=True):
+            for engine in started:
+                await engine.stop(self.config.server.stop_grace)
+        inst.engine = None
+        inst.state = state
+        inst.error = str(load.error) if state is State.FAILED else None
+        inst.progress = ""
+        inst.stopped.set()
         load.done.set()
 
     def _plan(self, profile: Profile) -> Placement:
@@ -348,7 +362,7 @@ class Manager:
                     "pid": engine.pid if engine else None,
                     "port": engine.port if engine else None,
                     "uptime_s": round(now - engine.started_monotonic, 1) if engine else None,
-                    "idle_s": round(now - inst.last_used, 1) if inst.state is State.READY and inst.in_flight == 0 else 0.0 if inst.state is State.READY else None,
+                    "idle_s": self._idle_seconds(inst, now),
                     "in_flight": inst.in_flight,
                     "argv": engine.argv if engine else None,
                     "gpus": [share.index for share in placement.gpus] if placement else [],
@@ -360,6 +374,12 @@ class Manager:
                 }
             )
         return rows
+
+    @staticmethod
+    def _idle_seconds(inst: Instance, now: float) -> float | None:
+        if inst.state is not State.READY:
+            return None
+        return 0.0 if inst.in_flight else round(now - inst.last_used, 1)
 
     def log_tail(self, name: str, lines: int) -> list[str]:
         return tail_lines(self._log_path(self.resolve(name).name), lines)
