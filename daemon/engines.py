@@ -32,7 +32,7 @@ def resolve_command(config: DaemonConfig, driver: Driver) -> list[str]:
     found = shutil.which(exe)
     if found:
         return [found, *command[1:]]
-    if configured is None:
+    if configured is None or command == driver.default_command:
         from .provision import find_installed_binary
 
         installed = find_installed_binary(config.server.engines_dir, driver.name)

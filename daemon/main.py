@@ -27,6 +27,7 @@ from .listeners import bind_tcp, bind_unix
 from .manager import Manager
 from .profiles import load_profiles
 from .proxy import Proxy, build_proxy_app
+from .sdnotify import notify, ping_watchdog_forever, watchdog_interval
 
 log = logging.getLogger("llmd")
 
@@ -77,19 +78,27 @@ async def serve(config: DaemonConfig) -> None:
                     proxy_server.force_exit = api_server.force_exit = True
                     return
                 log.info("%s: finishing in-flight requests, then stopping engines", signal.Signals(signum).name)
+                notify("STOPPING=1", "STATUS=finishing in-flight requests, then stopping engines")
                 proxy_server.should_exit = api_server.should_exit = True
 
     try:
         async with anyio.create_task_group() as daemon:
             await daemon.start(manager.run)
             daemon.start_soon(stop_on_signal)
+            interval = watchdog_interval()
+            if interval is not None:
+                daemon.start_soon(ping_watchdog_forever, interval)
             async with anyio.create_task_group() as servers:
                 servers.start_soon(proxy_server.serve, [proxy_socket])
                 servers.start_soon(api_server.serve, [api_socket])
-                log.info(
-                    "llmd ready: OpenAI API on http://%s, management on %s, %d profiles (%d invalid)",
-                    server.listen, server.socket, len(profiles.profiles), len(profiles.errors),
+                while not (proxy_server.started and api_server.started):
+                    await anyio.sleep(0.01)
+                status = (
+                    f"serving {len(profiles.profiles)} profiles ({len(profiles.errors)} invalid) "
+                    f"on http://{server.listen}, management on {server.socket}"
                 )
+                log.info("llmd ready: %s", status)
+                notify("READY=1", f"STATUS={status}")
             # Both servers have drained: stop the signal watcher and, through manager.run, every engine.
             daemon.cancel_scope.cancel()
     finally:
