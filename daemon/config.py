@@ -69,6 +69,8 @@ class ServerConfig(BaseModel):
     stop_grace: PositiveSeconds = 10.0
     # How long in-flight requests may run on after SIGTERM before they are cut.
     shutdown_grace: PositiveSeconds = 30.0
+    # How long a request waits for room on the GPUs (busy models finishing) before a 503.
+    queue_timeout: PositiveSeconds = 60.0
 
     @field_validator("listen")
     @classmethod
@@ -107,6 +109,10 @@ class GpusConfig(BaseModel):
 
     # A JSON snapshot of GPUs to use instead of NVML (tests, dry runs, planning).
     simulate: Path | None = None
+    # Kept free on every card beyond what NVML reports in use (allocator slack, other programs).
+    margin_mib: Annotated[int, Field(ge=0, le=1_048_576)] = 512
+    # How long to wait after stopping an engine for NVML to show its memory released.
+    release_timeout: PositiveSeconds = 30.0
 
 
 class DaemonConfig(BaseModel):

@@ -21,3 +21,11 @@ class EngineStartError(LlmdError):
 
 class EngineNotInstalledError(LlmdError):
     """The engine binary for a profile cannot be found."""
+
+
+class NoRoomError(LlmdError):
+    """The model does not fit now; `retry_after` says when asking again may help."""
+
+    def __init__(self, message: str, retry_after: int = 10) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
