@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .errors import UnknownModelError
+from .errors import LlmdError, UnknownModelError
 from .manager import Manager
 
 PROGRESS_SECONDS = 0.5
@@ -65,34 +65,51 @@ class ManagementApi:
         return JSONResponse({"profiles": sorted(rows, key=lambda row: row["name"])})
 
     async def load(self, request: Request) -> Response:
-        """Stream NDJSON progress until the model is ready or its load failed."""
+        """Stream NDJSON progress until the model is ready or its load failed.
+
+        With `?replace=OLD`, OLD is swapped out for the model. The load goes on even if the
+        client disconnects: others may be waiting for the same model.
+        """
         name = self._model(request)
-        load = await self.manager.start_loading(name)
+        old = request.query_params.get("replace")
+        if old is not None:
+            old = self.manager.resolve(old).name
+            job = self.manager.run_job(self.manager.replace, name, old)
+        else:
+            job = self.manager.run_job(self.manager.ensure_ready, name)
         inst = self.manager.instance(name)
 
         async def events() -> AsyncIterator[bytes]:
             started = time.monotonic()
-            if load is not None:
-                while not load.done.is_set():
-                    with anyio.move_on_after(PROGRESS_SECONDS):
-                        await load.done.wait()
-                    if load.done.is_set():
-                        break
-                    last = self.manager.log_tail(name, 1)
-                    yield _ndjson({
-                        "event": "progress",
-                        "model": name,
-                        "elapsed_s": round(time.monotonic() - started, 1),
-                        "message": inst.progress,
-                        "log": last[0] if last else "",
-                    })
-                if load.error is not None:
-                    yield _ndjson({"event": "error", "model": name, "message": str(load.error)})
-                    return
+            while not job.done.is_set():
+                with anyio.move_on_after(PROGRESS_SECONDS):
+                    await job.done.wait()
+                if job.done.is_set():
+                    break
+                last = self.manager.log_tail(name, 1) if inst.engine is not None else []
+                yield _ndjson({
+                    "event": "progress",
+                    "model": name,
+                    "elapsed_s": round(time.monotonic() - started, 1),
+                    "message": inst.progress,
+                    "log": last[0] if last else "",
+                })
+            if job.error is not None:
+                yield _ndjson({"event": "error", "model": name, "message": str(job.error)})
+                return
             row = next(r for r in self.manager.status() if r["model"] == name)
             yield _ndjson({"event": "ready", "model": name, "status": row})
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    async def plan(self, request: Request) -> Response:
+        try:
+            return JSONResponse(self.manager.plan_preview(self._model(request)))
+        except LlmdError as exc:
+            return _error(422, str(exc))
+
+    async def gpus(self, request: Request) -> Response:
+        return JSONResponse(self.manager.gpu_report())
 
     async def unload(self, request: Request) -> Response:
         name = self._model(request)
@@ -150,6 +167,8 @@ def build_api_app(manager: Manager) -> Starlette:
         Route("/v1/ps", api.ps, methods=["GET"]),
         Route("/v1/profiles", api.profiles, methods=["GET"]),
         Route("/v1/models/{name}/load", api.load, methods=["POST"]),
+        Route("/v1/models/{name}/plan", api.plan, methods=["GET"]),
+        Route("/v1/gpus", api.gpus, methods=["GET"]),
         Route("/v1/models/{name}/unload", api.unload, methods=["POST"]),
         Route("/v1/models/{name}/logs", api.logs, methods=["GET"]),
         Route("/v1/unload", api.unload_all, methods=["POST"]),

@@ -22,6 +22,7 @@ import httpx
 from .config import config_path_from_env, default_socket, load_config
 from .durations import format_duration
 from .errors import LlmdError
+from .units import format_mib
 
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 3
@@ -124,12 +125,14 @@ def _daemon(ctx: click.Context) -> Daemon:
 
 @main.command()
 @click.argument("name")
+@click.option("--replace", "old", metavar="OLD", help="swap OLD out for NAME (OLD stops once NAME is ready, or first if both do not fit)")
 @click.pass_context
-def load(ctx: click.Context, name: str) -> None:
+def load(ctx: click.Context, name: str, old: str | None) -> None:
     """Start NAME's engine and wait until it is ready, showing progress."""
     daemon = _daemon(ctx)
     interactive = sys.stderr.isatty()
-    for line in daemon.stream_lines("POST", f"/v1/models/{name}/load"):
+    params = {"replace": old} if old else {}
+    for line in daemon.stream_lines("POST", f"/v1/models/{name}/load", params=params):
         if not line.strip():
             continue
         event = json.loads(line)
@@ -177,15 +180,82 @@ def ps(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(models, indent=2))
         return
     rows = [
-        [m["model"], m["engine"], m["state"], _dash(m["pid"]), _dash(m["port"]),
-         ",".join(map(str, m["gpus"])) or "cpu", format_duration(m["uptime_s"]),
+        [m["model"], m["engine"], m["state"], _dash(m["pid"]), _dash(m["port"]), _where(m),
+         format_mib(m["vram_mib"]) if m["vram_mib"] else "-", format_duration(m["uptime_s"]),
          format_duration(m["idle_s"]), str(m["in_flight"])]
         for m in models
     ]
-    click.echo(_table(rows, ["model", "engine", "state", "pid", "port", "gpus", "uptime", "idle", "busy"]))
+    click.echo(_table(rows, ["model", "engine", "state", "pid", "port", "gpus", "vram", "uptime", "idle", "busy"]))
     for m in models:
         if m["state"] == "failed" and m["error"]:
             click.echo(f"\n{m['model']} failed: {m['error']}", err=True)
+
+
+def _where(row: dict[str, Any]) -> str:
+    """"cpu", "0,1", or "0 (20 layers; 12 MoE on cpu)" for an offloaded model."""
+    if row["pid"] is None:
+        return "-"
+    if not row["gpus"]:
+        return "cpu"
+    where = ",".join(map(str, row["gpus"]))
+    split = []
+    if row.get("gpu_layers") is not None:
+        split.append(f"{row['gpu_layers']} layers")
+    if row.get("cpu_moe_layers"):
+        split.append(f"{row['cpu_moe_layers']} MoE on cpu")
+    return f"{where} ({'; '.join(split)})" if split else where
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+def plan(ctx: click.Context, name: str, as_json: bool) -> None:
+    """What loading NAME now would need and do (nothing is loaded)."""
+    report = _daemon(ctx).call("GET", f"/v1/models/{name}/plan")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{report['model']} ({report['state']}); GPUs: {report['inventory']}")
+    estimate = report.get("estimate")
+    if estimate:
+        click.echo(
+            f"  estimate: weights {format_mib(estimate['weights_mib'])}, KV {format_mib(estimate['kv_mib'])} "
+            f"({estimate['kv_cells']} cells), compute {format_mib(estimate['compute_mib'])}, "
+            f"overhead {format_mib(estimate['gpu_overhead_mib'])}/GPU; {estimate['n_layers']} layers"
+        )
+    if "need_mib" in report:
+        click.echo(f"  reserve: {format_mib(report['need_mib'])} ({report['need_source']})")
+    if not report["fits"]:
+        click.echo(f"  does not fit now: {report['reason']}")
+        sys.exit(EXIT_FAILED)
+    gpus = ", ".join(f"GPU {g['index']}: {format_mib(g['vram_mib'])}" for g in report["gpus"]) or "CPU only"
+    click.echo(f"  placement: {gpus}")
+    if report["gpu_layers"] is not None and report["gpus"]:
+        click.echo(f"  layers on GPU: {report['gpu_layers']}; MoE layers on CPU: {report['cpu_moe_layers']}")
+    if report["evict"]:
+        click.echo(f"  would evict: {', '.join(report['evict'])}")
+    click.echo(f"  why: {report['reason']}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+def gpus(ctx: click.Context, as_json: bool) -> None:
+    """The GPUs, their memory, and which model holds what."""
+    report = _daemon(ctx).call("GET", "/v1/gpus")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(report["note"])
+    rows = [
+        [str(g["index"]), g["name"], format_mib(g["used_mib"]), format_mib(g["free_mib"]), format_mib(g["total_mib"]),
+         ", ".join(f"{m['model']} {format_mib(m['vram_mib'])}" for m in g["models"]) or "-",
+         format_mib(g["foreign_mib"]) if g["foreign_mib"] else "-"]
+        for g in report["gpus"]
+    ]
+    if rows:
+        click.echo(_table(rows, ["gpu", "name", "used", "free", "total", "llmd models", "others"]))
 
 
 @main.command("ls")

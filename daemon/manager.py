@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -24,14 +24,17 @@ from llmd.drivers.base import Driver, LaunchRequest, Placement
 
 from .config import DaemonConfig
 from .engines import resolve_command
-from .errors import EngineStartError, LlmdError, UnknownModelError
+from .errors import EngineStartError, LlmdError, NoRoomError, UnknownModelError
+from .planner import Planner
 from .profiles import Profile, ProfileSet
-from .supervisor import EngineProcess, free_port, spawn_engine, tail_lines
+from .scheduler import NoFit, Plan, RunningModel
+from .supervisor import EngineProcess, free_port, process_tree, spawn_engine, tail_lines
 
 log = logging.getLogger(__name__)
 
 ENGINE_HOST = "127.0.0.1"
 IDLE_CHECK_SECONDS = 0.5
+RELEASE_POLL_SECONDS = 0.05
 
 
 class State(StrEnum):
@@ -61,6 +64,9 @@ class Instance:
     load: Load | None = None
     stopped: anyio.Event = field(default_factory=anyio.Event)
     in_flight: int = 0
+    # Requests waiting for this model's load; they count as busy, so a model that just
+    # became ready is not evicted before its waiting requests reach it.
+    waiters: int = 0
     last_used: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     load_seconds: float | None = None
@@ -76,6 +82,29 @@ class Instance:
         assert self.engine is not None
         return f"http://{ENGINE_HOST}:{self.engine.port}"
 
+    def as_running(self) -> RunningModel:
+        """This instance as the scheduler sees it. Only a ready model with nobody using or
+        awaiting it can be evicted; a starting or stopping one holds its claim."""
+        assert self.placement is not None
+        busy = self.in_flight + self.waiters if self.state is State.READY else 1
+        policy = self.profile.policy
+        return RunningModel(
+            name=self.name,
+            gpus={share.index: share.vram_mib for share in self.placement.gpus},
+            in_flight=busy,
+            pinned=policy.pinned,
+            priority=policy.priority,
+            last_used=self.last_used,
+        )
+
+
+@dataclass
+class Job:
+    """A manager action run on behalf of a client that may go away before it ends."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: LlmdError | None = None
+
 
 class Manager:
     def __init__(self, config: DaemonConfig, drivers: dict[str, Driver], profiles: ProfileSet) -> None:
@@ -83,7 +112,10 @@ class Manager:
         self.drivers = drivers
         self.profiles = profiles
         self.instances: dict[str, Instance] = {}
+        self.planner = Planner(config.gpus.simulate, config.server.state_dir, config.gpus.margin_mib)
         self._tg: anyio.abc.TaskGroup | None = None
+        # Set (and replaced) whenever room may have appeared: a model went idle, stopped or failed.
+        self._changed = anyio.Event()
         # Readiness probes only; proxied traffic has its own pooled client.
         self._probe_client = httpx.AsyncClient(trust_env=False)
 
@@ -107,6 +139,22 @@ class Manager:
         for inst in self.instances.values():
             if inst.engine is not None:
                 inst.engine.kill_now()
+
+    def run_job(self, action: Callable[..., Awaitable[object]], *args: object) -> Job:
+        """Run `action(*args)` in the manager's task group; its LlmdError lands in the Job."""
+        assert self._tg is not None, "manager is not running"
+        job = Job()
+
+        async def runner() -> None:
+            try:
+                await action(*args)
+            except LlmdError as exc:
+                job.error = exc
+            finally:
+                job.done.set()
+
+        self._tg.start_soon(runner)
+        return job
 
     # ----- lookups -----
 
@@ -134,11 +182,16 @@ class Manager:
 
         Concurrent callers for a cold model share one load.
         """
+        inst = self.instance(name)
         while True:
             load = await self.start_loading(name)
             if load is None:
-                return self.instance(name)
-            await load.done.wait()
+                return inst
+            inst.waiters += 1
+            try:
+                await load.done.wait()
+            finally:
+                inst.waiters -= 1
             if load.error is not None:
                 raise load.error
 
@@ -164,6 +217,12 @@ class Manager:
     def release(self, inst: Instance) -> None:
         inst.in_flight -= 1
         inst.last_used = time.monotonic()
+        if inst.in_flight == 0:
+            self._notify_changed()
+
+    def _notify_changed(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
     @asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[Instance]:
@@ -191,6 +250,10 @@ class Manager:
         try:
             with load.scope:
                 await self._start_engine(inst, started)
+        except NoRoomError as exc:  # not the engine's fault: back to stopped, not failed
+            load.error = exc
+            await self._abandon_load(inst, load, started, State.STOPPED, None)
+            return
         except LlmdError as exc:
             load.error = exc
         except Exception as exc:  # a driver bug must fail this load, not the daemon
@@ -211,32 +274,107 @@ class Manager:
             inst.load_seconds = inst.ready_at - load.started
             inst.progress = ""
             log.info("%s ready in %.2fs", inst.name, inst.load_seconds)
+            self._learn_usage(inst, engine)
             assert self._tg is not None
             self._tg.start_soon(self._watch_exit, inst, engine)
             load.done.set()
 
     async def _start_engine(self, inst: Instance, started: list[EngineProcess]) -> None:
-        """Plan, spawn and wait for readiness; the spawned engine is appended to `started` at once."""
+        """Place, evict, spawn and wait for readiness; the spawned engine is appended to `started` at once."""
         profile = inst.profile
         driver = self.drivers[profile.engine]
-        placement = self._plan(profile)
+        model_path = self._model_path(profile)
+        command = resolve_command(self.config, driver)
+        await self._reserve_placement(inst, model_path)
+        placement = inst.placement
+        assert placement is not None
         port = free_port(ENGINE_HOST, self._ports_in_use())
         request = LaunchRequest(
             profile=profile,
             placement=placement,
-            model_path=self._model_path(profile),
+            model_path=model_path,
             host=ENGINE_HOST,
             port=port,
-            command=resolve_command(self.config, driver),
+            command=command,
             env=dict(self.config.engine(driver.name).env),
         )
         spec = driver.launch(request)
         engine = spawn_engine(profile.name, spec, port, self._log_path(profile.name), str(self.config.server.state_dir))
         started.append(engine)
-        inst.engine, inst.placement = engine, placement
+        inst.engine = engine
+        self.planner.claim(profile.name, engine.pid, {share.index: share.vram_mib for share in placement.gpus})
         inst.progress = f"waiting for {profile.engine} (pid {engine.pid}) to load the model"
-        log.info("starting %s: pid %d port %d", profile.name, engine.pid, port)
+        log.info("starting %s: pid %d port %d, %s", profile.name, engine.pid, port, placement.reason or "placed")
         await engine.wait_ready(spec, self.config.server.ready_timeout, self._probe_client)
+
+    async def _reserve_placement(self, inst: Instance, model_path: Path) -> None:
+        """Find room for `inst`, waiting up to queue_timeout for busy models to finish, and
+        evicting idle ones the plan names. The placement is claimed (set on the instance)
+        before any await, so concurrent loads never plan into the same memory."""
+        deadline = time.monotonic() + self.config.server.queue_timeout
+        while True:
+            result, _ = self.planner.place(inst.profile, model_path, self._running_except(inst))
+            if isinstance(result, Plan):
+                victims = [self.instances[name] for name in result.evict]
+                inst.placement = result.placement
+                for victim in victims:
+                    self._begin_stop(victim)
+                if victims:
+                    inst.progress = f"evicting {', '.join(v.name for v in victims)}"
+                    await self._evict(victims)
+                return
+            if not self._room_may_appear(inst):
+                raise LlmdError(f"{inst.name!r} cannot be placed: {result.reason}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoRoomError(
+                    f"no room for {inst.name!r} after waiting {self.config.server.queue_timeout:.0f}s "
+                    f"for busy models: {result.reason}",
+                    retry_after=10,
+                )
+            inst.progress = f"waiting for room: {result.reason}"
+            with anyio.move_on_after(remaining):
+                await self._changed.wait()
+
+    def _running_except(self, inst: Instance) -> list[RunningModel]:
+        return [
+            other.as_running()
+            for other in self.instances.values()
+            if other is not inst and other.placement is not None
+        ]
+
+    def _room_may_appear(self, inst: Instance) -> bool:
+        """Whether waiting can help: some other model is busy, starting or stopping now."""
+        return any(
+            not other.as_running().evictable and not other.profile.policy.pinned
+            for other in self.instances.values()
+            if other is not inst and other.placement is not None
+        )
+
+    async def _evict(self, victims: list[Instance]) -> None:
+        """Stop the victims together, then wait until the GPUs show their memory released."""
+        pids: set[int] = set()
+        for victim in victims:
+            if victim.engine is not None:
+                pids |= process_tree(victim.engine.pid)
+        async with anyio.create_task_group() as tg:
+            for victim in victims:
+                tg.start_soon(self._finish_stop, victim, "evicted to make room")
+        with anyio.move_on_after(self.config.gpus.release_timeout) as scope:
+            while self.planner.usage_of(pids):
+                await anyio.sleep(RELEASE_POLL_SECONDS)
+        if scope.cancelled_caught:
+            log.warning("GPU memory of evicted engines (pids %s) was not released after %.0fs",
+                        sorted(pids), self.config.gpus.release_timeout)
+
+    def _learn_usage(self, inst: Instance, engine: EngineProcess) -> None:
+        placement = inst.placement
+        if placement is None or placement.cpu_only or placement.gpu_layers is not None or placement.cpu_moe_layers:
+            return  # only a whole-model placement gives a total worth reusing
+        try:
+            self.planner.learn(inst.profile, self._model_path(inst.profile), process_tree(engine.pid))
+        except (LlmdError, OSError) as exc:
+            log.warning("could not measure %s's GPU memory: %s", inst.name, exc)
 
     async def _abandon_load(
         self, inst: Instance, load: Load, started: list[EngineProcess], state: State, why: str | None
@@ -247,15 +385,20 @@ class Manager:
         with anyio.CancelScope(shield=True):
             for engine in started:
                 await engine.stop(self.config.server.stop_grace)
-        inst.engine = None
-        inst.state = state
+        self._clear(inst, state)
         inst.error = str(load.error) if state is State.FAILED else None
-        inst.progress = ""
-        inst.stopped.set()
         load.done.set()
 
-    def _plan(self, profile: Profile) -> Placement:
-        return Placement(ctx=profile.launch.ctx, gpu_layers=0, reason="CPU only")
+    def _clear(self, inst: Instance, state: State) -> None:
+        """The instance holds nothing any more: no engine, no claim."""
+        inst.engine = None
+        inst.placement = None
+        inst.ready_at = None
+        inst.state = state
+        inst.progress = ""
+        self.planner.release(inst.name)
+        inst.stopped.set()
+        self._notify_changed()
 
     def _model_path(self, profile: Profile) -> Path:
         source = profile.model
@@ -289,14 +432,13 @@ class Manager:
         if inst.engine is not engine or inst.state is not State.READY:
             return  # an ordinary stop
         tail = "\n".join(engine.log_tail())
-        inst.state = State.FAILED
-        inst.error = f"engine exited unexpectedly with code {code}. Last lines of {engine.log_path}:\n{tail}"
-        log.error("%s: %s", inst.name, inst.error)
-        inst.engine = None
-        inst.stopped.set()
+        inst.state = State.STOPPING
         # The leader is gone; make sure nothing it forked keeps running.
         with anyio.CancelScope(shield=True):
             await engine.stop(grace=1.0)
+        self._clear(inst, State.FAILED)
+        inst.error = f"engine exited unexpectedly with code {code}. Last lines of {engine.log_path}:\n{tail}"
+        log.error("%s: %s", inst.name, inst.error)
 
     # ----- unloading -----
 
@@ -312,17 +454,39 @@ class Manager:
             return True
         if inst.state is not State.READY or inst.engine is None:
             return False
-        engine = inst.engine
+        self._begin_stop(inst)
+        await self._finish_stop(inst, reason)
+        return True
+
+    def _begin_stop(self, inst: Instance) -> None:
+        """Mark a ready model as stopping, synchronously, so no new request is routed to it."""
+        assert inst.state is State.READY
         inst.state = State.STOPPING
+        inst.stopped = anyio.Event()
+
+    async def _finish_stop(self, inst: Instance, reason: str) -> None:
+        engine = inst.engine
+        assert engine is not None
         log.info("stopping %s (%s)", inst.name, reason)
         with anyio.CancelScope(shield=True):
             code = await engine.stop(self.config.server.stop_grace)
         log.info("%s stopped (exit code %s)", inst.name, code)
-        inst.engine = None
-        inst.state = State.STOPPED
-        inst.ready_at = None
-        inst.stopped.set()
-        return True
+        self._clear(inst, State.STOPPED)
+
+    async def replace(self, name: str, old: str) -> None:
+        """Swap `old` for `name`. When both fit, the new engine starts before the old one stops,
+        so clients never find neither; otherwise the old one makes room first."""
+        old_inst = self.instance(old)
+        new_inst = self.instance(name)
+        if old_inst is new_inst:
+            await self.ensure_ready(name)
+            return
+        if old_inst.state is State.READY and old_inst.placement is not None and new_inst.state is not State.READY:
+            result, _ = self.planner.place(new_inst.profile, self._model_path(new_inst.profile), self._running_except(new_inst))
+            if not (isinstance(result, Plan) and not result.evict):
+                await self.unload(old, f"replaced by {name}")
+        await self.ensure_ready(name)
+        await self.unload(old, f"replaced by {name}")
 
     async def stop_all(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -367,6 +531,9 @@ class Manager:
                     "argv": engine.argv if engine else None,
                     "gpus": [share.index for share in placement.gpus] if placement else [],
                     "vram_mib": placement.vram_mib if placement else 0,
+                    "gpu_layers": placement.gpu_layers if placement else None,
+                    "cpu_moe_layers": placement.cpu_moe_layers if placement else 0,
+                    "placement": placement.reason if placement else None,
                     "load_s": round(inst.load_seconds, 3) if inst.load_seconds is not None and engine else None,
                     "progress": inst.progress or None,
                     "error": inst.error,
@@ -374,6 +541,48 @@ class Manager:
                 }
             )
         return rows
+
+    def plan_preview(self, name: str) -> dict[str, Any]:
+        """What loading `name` now would do, without doing it: for `llmctl plan`."""
+        inst = self.instance(name)
+        result, details = self.planner.place(inst.profile, self._model_path(inst.profile), self._running_except(inst))
+        report: dict[str, Any] = {"model": inst.name, "state": inst.state.value, **details}
+        if isinstance(result, NoFit):
+            report.update({"fits": False, "reason": result.reason})
+            return report
+        placement = result.placement
+        report.update({
+            "fits": True,
+            "reason": result.reason,
+            "gpus": [{"index": s.index, "uuid": s.uuid, "vram_mib": s.vram_mib} for s in placement.gpus],
+            "gpu_layers": placement.gpu_layers,
+            "cpu_moe_layers": placement.cpu_moe_layers,
+            "ctx": placement.ctx,
+            "evict": list(result.evict),
+        })
+        return report
+
+    def gpu_report(self) -> dict[str, Any]:
+        """Each card with its memory, and which of llmd's models claims how much of it."""
+        cards = []
+        claims: dict[int, list[dict[str, Any]]] = {}
+        ours: set[int] = set()
+        for inst in self.instances.values():
+            if inst.placement is None:
+                continue
+            for share in inst.placement.gpus:
+                claims.setdefault(share.index, []).append({"model": inst.name, "vram_mib": share.vram_mib, "state": inst.state.value})
+            if inst.engine is not None:
+                ours |= process_tree(inst.engine.pid)
+        for gpu in self.planner.snapshot():
+            foreign = sum(p.used_mib for p in gpu.processes if p.pid not in ours)
+            cards.append({
+                "index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
+                "total_mib": gpu.total_mib, "free_mib": gpu.free_mib, "used_mib": gpu.used_mib,
+                "models": sorted(claims.get(gpu.index, []), key=lambda c: c["model"]),
+                "foreign_mib": 0 if self.planner.simulated else foreign,
+            })
+        return {"note": self.planner.inventory.note, "gpus": cards}
 
     @staticmethod
     def _idle_seconds(inst: Instance, now: float) -> float | None:

@@ -63,6 +63,17 @@ def tail_lines(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     return [line for line in data.decode(errors="replace").splitlines()][-lines:]
 
 
+def process_tree(pid: int) -> set[int]:
+    """`pid` and all its descendants (vLLM's workers, for one, hold VRAM of their own)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return {pid, *(child.pid for child in root.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
 def signal_group(pgid: int, sig: int) -> bool:
     """Send `sig` to a process group; False if the group is already gone."""
     try:

@@ -1,0 +1,73 @@
+"""The planner: estimate, then learn from what the engine really used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmd.daemon.gpus import GpuInfo, GpuProcess
+from llmd.daemon.planner import Planner
+from llmd.daemon.profiles import Profile
+from llmd.daemon.scheduler import Plan
+from llmd.daemon.tinymodel import write_tiny_gguf
+
+
+class FakeNvml:
+    """Stands in for NVML: one 8 GiB card on which pid 4242 holds 1234 MiB."""
+
+    note = "fake NVML"
+
+    def snapshot(self) -> list[GpuInfo]:
+        return [GpuInfo(0, "GPU-x", "Fake", 8192, 8192 - 1234, 1234, (GpuProcess(4242, 1234),))]
+
+
+def _profile(model: Path, **placement: object) -> Profile:
+    profile = Profile.model_validate({"engine": "llama-cpp", "model": {"path": str(model)}, "placement": placement})
+    profile.name = "m"
+    return profile
+
+
+def test_estimate_first_then_the_measurement(tmp_path: Path) -> None:
+    model = write_tiny_gguf(tmp_path / "m.gguf")
+    planner = Planner(None, tmp_path / "state", margin_mib=0)
+    planner.inventory = FakeNvml()
+    profile = _profile(model)
+
+    need, estimate, source = planner.need(profile, model)
+    assert source == "estimated from the model file" and estimate is not None
+    assert need.total_mib < 1000
+
+    measured = planner.learn(profile, model, {4242})
+    assert measured is not None and measured.per_gpu_mib == {0: 1234}
+    # A new planner (a restarted daemon) reads the measurement back from state_dir.
+    again = Planner(None, tmp_path / "state", margin_mib=0)
+    again.inventory = FakeNvml()
+    need, _, source = again.need(profile, model)
+    assert source == "measured 1234 MiB at its last launch"
+    assert need.total_mib >= 1234
+    result, details = again.place(profile, model, [])
+    assert isinstance(result, Plan) and result.placement.vram_mib >= 1234
+    assert details["need_source"].startswith("measured")
+
+
+def test_measurement_is_forgotten_when_the_launch_changes(tmp_path: Path) -> None:
+    model = write_tiny_gguf(tmp_path / "m.gguf")
+    planner = Planner(None, tmp_path / "state", margin_mib=0)
+    planner.inventory = FakeNvml()
+    planner.learn(_profile(model), model, {4242})
+    bigger = Profile.model_validate({"engine": "llama-cpp", "model": {"path": str(model)}, "launch": {"ctx": 8192}})
+    bigger.name = "m"
+    assert planner.need(bigger, model)[2] == "estimated from the model file"
+
+
+def test_profile_override_wins(tmp_path: Path) -> None:
+    model = write_tiny_gguf(tmp_path / "m.gguf")
+    planner = Planner(None, tmp_path / "state", margin_mib=0)
+    need, estimate, source = planner.need(_profile(model, vram_mib=5000), model)
+    assert need.total_mib == 5000 and estimate is None and "vram_mib" in source
+
+
+def test_cpu_only_host_places_on_cpu_without_estimating(tmp_path: Path) -> None:
+    planner = Planner(None, tmp_path / "state", margin_mib=0)  # no NVML on this machine
+    result, details = planner.place(_profile(tmp_path / "missing.gguf"), tmp_path / "missing.gguf", [])
+    assert isinstance(result, Plan) and result.placement.cpu_only
+    assert "CPU-only" in details["inventory"] or "no NVIDIA" in details["inventory"]
