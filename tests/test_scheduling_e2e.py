@@ -215,3 +215,24 @@ def test_running_model_answers_while_another_loads_and_evicted_model_request_com
     loader.join(60)
     assert slow_result == [200]
     assert _rows(daemon)["a"]["state"] == "ready"
+
+
+def test_replace_starts_the_new_model_first_when_both_fit(make_daemon, tiny_gguf: Path, tmp_path: Path) -> None:
+    models = _copies(tiny_gguf, tmp_path, ["a", "b", "c"])
+    profiles = {"a": _profile(models["a"], vram=1200), "b": _profile(models["b"], vram=1200),
+                "c": _profile(models["c"], vram=1200)}
+    daemon = _two_card_daemon(make_daemon, tmp_path, profiles)
+    daemon.llmctl("load", "a")
+    assert "b is ready" in daemon.llmctl("load", "b", "--replace", "a").stdout
+    rows = _rows(daemon)
+    assert rows["a"]["state"] == "stopped" and rows["b"]["state"] == "ready"
+    log = daemon.log()
+    assert log.index("starting b") < log.index("stopping a (replaced by b)")
+
+    # No room for both: the old one makes room first.
+    daemon.llmctl("load", "a")  # a and b now fill both cards
+    assert "c is ready" in daemon.llmctl("load", "c", "--replace", "b").stdout
+    rows = _rows(daemon)
+    assert rows["b"]["state"] == "stopped" and rows["c"]["state"] == "ready" and rows["a"]["state"] == "ready"
+    log = daemon.log()
+    assert log.index("stopping b (replaced by c)") < log.index("starting c")
