@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ from typing import Any
 import anyio
 import httpx
 
-from llmd.drivers.base import Driver, LaunchRequest, Placement
+from llmd.drivers.base import Driver, LaunchRequest, LaunchSpec, Placement
 
 from .config import DaemonConfig
 from .engines import resolve_command
 from .errors import EngineStartError, LlmdError, NoRoomError, UnknownModelError
+from .ledger import PidLedger
 from .planner import Planner
 from .profiles import Profile, ProfileSet
 from .scheduler import NoFit, Plan, RunningModel
@@ -35,6 +37,29 @@ log = logging.getLogger(__name__)
 ENGINE_HOST = "127.0.0.1"
 IDLE_CHECK_SECONDS = 0.5
 RELEASE_POLL_SECONDS = 0.05
+# Crash handling: consecutive failed starts or crashes before llmd stops retrying on its own,
+# and how long a model must stay up for earlier failures to be forgiven.
+MAX_ATTEMPTS = 5
+STABLE_SECONDS = 60.0
+# An idle engine is probed this often; this many failed probes in a row mark it hung.
+HEALTH_INTERVAL = 0.5
+HEALTH_TIMEOUT = 0.6
+HEALTH_FAILURES = 2
+# A busy engine may answer its probe slowly; it still must answer, or its requests would hang.
+BUSY_HEALTH_TIMEOUT = 5.0
+# Out of memory at load: halve the context and try again, down to this.
+MIN_CTX = 256
+_OOM_MARKERS = ("out of memory", "failed to allocate", "cudamalloc failed", "outofmemoryerror", "cannot allocate memory")
+
+
+def backoff_seconds(failures: int) -> float:
+    """Wait before the next attempt after `failures` consecutive failures: 0, 1, 2, 4 ... 30 s."""
+    return 0.0 if failures <= 0 else float(min(2 ** (failures - 1), 30))
+
+
+def looks_like_oom(error: LlmdError) -> bool:
+    text = str(error).lower()
+    return any(marker in text for marker in _OOM_MARKERS)
 
 
 class State(StrEnum):
@@ -72,6 +97,13 @@ class Instance:
     load_seconds: float | None = None
     error: str | None = None
     progress: str = ""
+    # Consecutive failed starts or crashes; drives the backoff and the retry limit.
+    failures: int = 0
+    # Set after an out-of-memory load: the context the next loads use instead of the profile's.
+    ctx_override: int | None = None
+    spec: LaunchSpec | None = None
+    # Set to make the health monitor probe at once (a proxied request just failed).
+    probe_now: anyio.Event = field(default_factory=anyio.Event)
 
     @property
     def name(self) -> str:
@@ -113,6 +145,7 @@ class Manager:
         self.profiles = profiles
         self.instances: dict[str, Instance] = {}
         self.planner = Planner(config.gpus.simulate, config.server.state_dir, config.gpus.margin_mib)
+        self.ledger = PidLedger(config.server.state_dir / "engines.json")
         self._tg: anyio.abc.TaskGroup | None = None
         # Set (and replaced) whenever room may have appeared: a model went idle, stopped or failed.
         self._changed = anyio.Event()
@@ -139,6 +172,18 @@ class Manager:
         for inst in self.instances.values():
             if inst.engine is not None:
                 inst.engine.kill_now()
+
+    def reap_leftovers(self) -> None:
+        """Stop engines a previous run of this daemon left behind (after a crash or SIGKILL)."""
+        for what in self.ledger.reap_leftovers(str(self.config.server.state_dir)):
+            log.warning("stopped an engine left by a previous run: %s", what)
+
+    def autostart(self) -> None:
+        """Load every `[policy] autostart = true` profile, in the background."""
+        for name, profile in sorted(self.profiles.profiles.items()):
+            if profile.policy.autostart:
+                log.info("autostart: loading %s", name)
+                self.run_job(self.ensure_ready, name)
 
     def run_job(self, action: Callable[..., Awaitable[object]], *args: object) -> Job:
         """Run `action(*args)` in the manager's task group; its LlmdError lands in the Job."""
@@ -177,14 +222,16 @@ class Manager:
 
     # ----- using a model -----
 
-    async def ensure_ready(self, name: str) -> Instance:
+    async def ensure_ready(self, name: str, explicit: bool = False) -> Instance:
         """Return the model's instance once its engine is ready, starting it if needed.
 
-        Concurrent callers for a cold model share one load.
+        Concurrent callers for a cold model share one load. `explicit` (llmctl load) also
+        retries a model llmd gave up on after repeated failures.
         """
         inst = self.instance(name)
         while True:
-            load = await self.start_loading(name)
+            load = await self.start_loading(name, explicit)
+            explicit = False
             if load is None:
                 return inst
             inst.waiters += 1
@@ -195,15 +242,23 @@ class Manager:
             if load.error is not None:
                 raise load.error
 
-    async def start_loading(self, name: str) -> Load | None:
+    async def start_loading(self, name: str, explicit: bool = False) -> Load | None:
         """Begin loading the model unless it is loading already; None if it is ready now."""
         inst = self.instance(name)
         while inst.state is State.STOPPING:
             await inst.stopped.wait()
         if inst.state is State.READY:
             return None
+        if inst.state is State.FAILED:
+            if explicit:
+                inst.failures = 0
+            elif inst.failures >= MAX_ATTEMPTS:
+                raise EngineStartError(
+                    f"{inst.name!r} failed {inst.failures} times in a row, so llmd stopped retrying. "
+                    f"Last error: {inst.error}\nFix the cause, then run `llmctl load {inst.name}`."
+                )
         if inst.state in (State.STOPPED, State.FAILED):
-            self._begin_load(inst)
+            self._begin_load(inst, backoff_seconds(inst.failures))
         assert inst.load is not None
         return inst.load
 
@@ -235,21 +290,21 @@ class Manager:
 
     # ----- loading -----
 
-    def _begin_load(self, inst: Instance) -> None:
+    def _begin_load(self, inst: Instance, delay: float = 0.0) -> None:
         assert self._tg is not None, "manager is not running"
         inst.state = State.STARTING
-        inst.error = None
-        inst.progress = "planning"
+        inst.progress = f"retrying in {delay:.0f}s (attempt {inst.failures + 1})" if delay else "planning"
         inst.load = Load()
         inst.stopped = anyio.Event()
-        self._tg.start_soon(self._load, inst, inst.load)
+        self._tg.start_soon(self._load, inst, inst.load, delay)
 
-    async def _load(self, inst: Instance, load: Load) -> None:
+    async def _load(self, inst: Instance, load: Load, delay: float = 0.0) -> None:
         """Run one load to its end, whatever ends it: ready, failed, unloaded, or daemon shutdown."""
         started: list[EngineProcess] = []
         try:
             with load.scope:
-                await self._start_engine(inst, started)
+                await anyio.sleep(delay)
+                await self._start_with_oom_replan(inst, started)
         except NoRoomError as exc:  # not the engine's fault: back to stopped, not failed
             load.error = exc
             await self._abandon_load(inst, load, started, State.STOPPED, None)
@@ -266,9 +321,10 @@ class Manager:
         if load.scope.cancelled_caught:
             await self._abandon_load(inst, load, started, State.STOPPED, "it was unloaded while starting")
         elif load.error is not None:
+            inst.failures += 1
             await self._abandon_load(inst, load, started, State.FAILED, None)
         else:
-            engine = started[0]
+            engine = started[-1]
             inst.state = State.READY
             inst.ready_at = inst.last_used = time.monotonic()
             inst.load_seconds = inst.ready_at - load.started
@@ -276,18 +332,50 @@ class Manager:
             log.info("%s ready in %.2fs", inst.name, inst.load_seconds)
             self._learn_usage(inst, engine)
             assert self._tg is not None
-            self._tg.start_soon(self._watch_exit, inst, engine)
+            self._tg.start_soon(self._supervise, inst, engine)
             load.done.set()
+
+    async def _start_with_oom_replan(self, inst: Instance, started: list[EngineProcess]) -> None:
+        """Start the engine; if it ran out of memory, halve the context and plan again
+        instead of retrying the same thing."""
+        while True:
+            try:
+                await self._start_engine(inst, started)
+                return
+            except EngineStartError as exc:
+                ctx = inst.placement.ctx if inst.placement is not None else inst.profile.launch.ctx
+                if not looks_like_oom(exc) or ctx // 2 < MIN_CTX:
+                    raise
+                with anyio.CancelScope(shield=True):
+                    for engine in started:
+                        await engine.stop(self.config.server.stop_grace)
+                started.clear()
+                self._clear_claim(inst)
+                inst.ctx_override = ctx // 2
+                log.warning("%s ran out of memory with ctx %d; planning again with ctx %d", inst.name, ctx, ctx // 2)
+
+    def _effective_profile(self, inst: Instance) -> Profile:
+        """The profile as loads use it: with the context lowered after an out-of-memory load."""
+        profile = inst.profile
+        if inst.ctx_override is None or inst.ctx_override >= profile.launch.ctx:
+            return profile
+        launch = profile.launch.model_copy(update={"ctx": inst.ctx_override})
+        lowered = profile.model_copy(update={"launch": launch})
+        lowered.name = profile.name
+        return lowered
 
     async def _start_engine(self, inst: Instance, started: list[EngineProcess]) -> None:
         """Place, evict, spawn and wait for readiness; the spawned engine is appended to `started` at once."""
-        profile = inst.profile
+        profile = self._effective_profile(inst)
         driver = self.drivers[profile.engine]
         model_path = self._model_path(profile)
         command = resolve_command(self.config, driver)
-        await self._reserve_placement(inst, model_path)
+        await self._reserve_placement(inst, profile, model_path)
         placement = inst.placement
         assert placement is not None
+        if profile is not inst.profile:
+            placement = dc_replace(placement, reason=f"{placement.reason}; ctx lowered to {profile.launch.ctx} after running out of memory")
+            inst.placement = placement
         port = free_port(ENGINE_HOST, self._ports_in_use())
         request = LaunchRequest(
             profile=profile,
@@ -301,19 +389,20 @@ class Manager:
         spec = driver.launch(request)
         engine = spawn_engine(profile.name, spec, port, self._log_path(profile.name), str(self.config.server.state_dir))
         started.append(engine)
-        inst.engine = engine
+        self.ledger.add(engine)
+        inst.engine, inst.spec = engine, spec
         self.planner.claim(profile.name, engine.pid, {share.index: share.vram_mib for share in placement.gpus})
         inst.progress = f"waiting for {profile.engine} (pid {engine.pid}) to load the model"
         log.info("starting %s: pid %d port %d, %s", profile.name, engine.pid, port, placement.reason or "placed")
         await engine.wait_ready(spec, self.config.server.ready_timeout, self._probe_client)
 
-    async def _reserve_placement(self, inst: Instance, model_path: Path) -> None:
+    async def _reserve_placement(self, inst: Instance, profile: Profile, model_path: Path) -> None:
         """Find room for `inst`, waiting up to queue_timeout for busy models to finish, and
         evicting idle ones the plan names. The placement is claimed (set on the instance)
         before any await, so concurrent loads never plan into the same memory."""
         deadline = time.monotonic() + self.config.server.queue_timeout
         while True:
-            result, _ = self.planner.place(inst.profile, model_path, self._running_except(inst))
+            result, _ = self.planner.place(profile, model_path, self._running_except(inst))
             if isinstance(result, Plan):
                 victims = [self.instances[name] for name in result.evict]
                 inst.placement = result.placement
@@ -392,12 +481,17 @@ class Manager:
     def _clear(self, inst: Instance, state: State) -> None:
         """The instance holds nothing any more: no engine, no claim."""
         inst.engine = None
-        inst.placement = None
+        inst.spec = None
         inst.ready_at = None
         inst.state = state
         inst.progress = ""
-        self.planner.release(inst.name)
+        self._clear_claim(inst)
+        self.ledger.remove(inst.name)
         inst.stopped.set()
+
+    def _clear_claim(self, inst: Instance) -> None:
+        inst.placement = None
+        self.planner.release(inst.name)
         self._notify_changed()
 
     def _model_path(self, profile: Profile) -> Path:
@@ -427,18 +521,69 @@ class Manager:
     def _log_path(self, name: str) -> Path:
         return self.config.logs_dir / f"{name}.log"
 
-    async def _watch_exit(self, inst: Instance, engine: EngineProcess) -> None:
-        code = await engine.wait_exit()
+    async def _supervise(self, inst: Instance, engine: EngineProcess) -> None:
+        """Watch a ready engine until it stops: an exit is seen at once (pidfd), a hang within
+        about HEALTH_INTERVAL × HEALTH_FAILURES + HEALTH_TIMEOUT while idle."""
+        hung: list[str] = []
+        async with anyio.create_task_group() as tg:
+
+            async def exited() -> None:
+                await engine.wait_exit()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(exited)
+            tg.start_soon(self._probe_health, inst, engine, hung)
         if inst.engine is not engine or inst.state is not State.READY:
             return  # an ordinary stop
+        code = engine.returncode
         tail = "\n".join(engine.log_tail())
+        what = hung[0] if hung else f"exited unexpectedly with code {code}"
         inst.state = State.STOPPING
-        # The leader is gone; make sure nothing it forked keeps running.
         with anyio.CancelScope(shield=True):
-            await engine.stop(grace=1.0)
+            await engine.stop(grace=1.0)  # the leader is gone or hung: nothing it forked may stay
         self._clear(inst, State.FAILED)
-        inst.error = f"engine exited unexpectedly with code {code}. Last lines of {engine.log_path}:\n{tail}"
+        inst.error = f"engine {what}. Last lines of {engine.log_path}:\n{tail}"
         log.error("%s: %s", inst.name, inst.error)
+        self._after_crash(inst, engine)
+
+    def _after_crash(self, inst: Instance, engine: EngineProcess) -> None:
+        """Restart with backoff, unless it keeps failing."""
+        if time.monotonic() - engine.started_monotonic > STABLE_SECONDS:
+            inst.failures = 0  # it ran fine for a while: this is a new problem, not a crash loop
+        inst.failures += 1
+        if inst.failures >= MAX_ATTEMPTS:
+            log.error("%s failed %d times in a row; not restarting it on its own", inst.name, inst.failures)
+            return
+        delay = backoff_seconds(inst.failures)
+        log.info("restarting %s in %.0fs (attempt %d of %d)", inst.name, delay, inst.failures + 1, MAX_ATTEMPTS)
+        self._begin_load(inst, delay)
+
+    async def _probe_health(self, inst: Instance, engine: EngineProcess, hung: list[str]) -> None:
+        assert inst.spec is not None
+        url = f"http://{ENGINE_HOST}:{engine.port}{inst.spec.readiness.path}"
+        failed = 0
+        while True:
+            if not failed:  # after a failed probe, probe again at once
+                with anyio.move_on_after(HEALTH_INTERVAL):
+                    await inst.probe_now.wait()
+            if inst.probe_now.is_set():
+                inst.probe_now = anyio.Event()
+            timeout = BUSY_HEALTH_TIMEOUT if inst.in_flight else HEALTH_TIMEOUT
+            try:
+                response = await self._probe_client.get(url, timeout=timeout)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            failed = 0 if ok else failed + 1
+            if failed >= HEALTH_FAILURES:
+                hung.append(f"stopped answering its health probe ({url})")
+                log.error("%s (pid %d) stopped answering %s; killing it", inst.name, engine.pid, url)
+                await engine.stop(grace=0.1)  # a hung process will not act on SIGTERM
+                return
+
+    def engine_failed(self, inst: Instance) -> None:
+        """A proxied request to this engine failed: check its health now, not at the next tick."""
+        inst.probe_now.set()
 
     # ----- unloading -----
 
