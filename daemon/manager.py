@@ -185,6 +185,36 @@ class Manager:
                 log.info("autostart: loading %s", name)
                 self.run_job(self.ensure_ready, name)
 
+    def reload(self, config: DaemonConfig, profiles: ProfileSet) -> dict[str, list[str]]:
+        """Take new settings and profiles (SIGHUP). Only models whose profile changed are
+        restarted; models whose profile is gone or now invalid are stopped."""
+        self.config = config
+        self.profiles = profiles
+        changes: dict[str, list[str]] = {"restarted": [], "stopped": [], "updated": []}
+        for name, inst in list(self.instances.items()):
+            new = profiles.profiles.get(name)
+            running = inst.state in (State.READY, State.STARTING)
+            if new is None:
+                if running:
+                    self.run_job(self._unload_instance, inst, "its profile was removed or is invalid")
+                    changes["stopped"].append(name)
+                continue
+            if new.model_dump() == inst.profile.model_dump():
+                inst.profile = new
+                continue
+            inst.profile = new
+            inst.ctx_override = None
+            inst.failures = 0
+            changes["updated"].append(name)
+            if running:
+                self.run_job(self._restart, name)
+                changes["restarted"].append(name)
+        return changes
+
+    async def _restart(self, name: str) -> None:
+        await self.unload(name, "its profile changed")
+        await self.ensure_ready(name)
+
     def run_job(self, action: Callable[..., Awaitable[object]], *args: object) -> Job:
         """Run `action(*args)` in the manager's task group; its LlmdError lands in the Job."""
         assert self._tg is not None, "manager is not running"
@@ -589,7 +619,9 @@ class Manager:
 
     async def unload(self, name: str, reason: str = "requested") -> bool:
         """Stop the model's engine. Returns False if it was not running."""
-        inst = self.instance(name)
+        return await self._unload_instance(self.instance(name), reason)
+
+    async def _unload_instance(self, inst: Instance, reason: str) -> bool:
         if inst.state is State.STARTING and inst.load is not None:
             inst.load.scope.cancel()
             await inst.load.done.wait()
@@ -637,7 +669,7 @@ class Manager:
         async with anyio.create_task_group() as tg:
             for name, inst in list(self.instances.items()):
                 if inst.state in (State.READY, State.STARTING, State.STOPPING):
-                    tg.start_soon(self.unload, name, "shutdown")
+                    tg.start_soon(self._unload_instance, inst, "shutdown")
 
     async def _unload_idle_forever(self) -> None:
         while True:
@@ -652,7 +684,7 @@ class Manager:
                     and now - inst.last_used >= ttl
                 ):
                     assert self._tg is not None
-                    self._tg.start_soon(self.unload, name, f"idle for {ttl:.0f}s")
+                    self._tg.start_soon(self._unload_instance, inst, f"idle for {ttl:.0f}s")
 
     # ----- reporting -----
 
