@@ -102,6 +102,25 @@ class ManagementApi:
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
 
+    async def pull(self, request: Request) -> Response:
+        """Stream NDJSON download progress until the model's files are complete."""
+        name = self._model(request)
+        job = self.manager.run_job(self.manager.pull, name)
+        inst = self.manager.instance(name)
+
+        async def events() -> AsyncIterator[bytes]:
+            while not job.done.is_set():
+                with anyio.move_on_after(PROGRESS_SECONDS):
+                    await job.done.wait()
+                if not job.done.is_set():
+                    yield _ndjson({"event": "progress", "model": name, "message": inst.progress})
+            if job.error is not None:
+                yield _ndjson({"event": "error", "model": name, "message": str(job.error)})
+            else:
+                yield _ndjson({"event": "done", "model": name})
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
     async def plan(self, request: Request) -> Response:
         try:
             return JSONResponse(self.manager.plan_preview(self._model(request)))
@@ -168,6 +187,7 @@ def build_api_app(manager: Manager) -> Starlette:
         Route("/v1/profiles", api.profiles, methods=["GET"]),
         Route("/v1/models/{name}/load", api.load, methods=["POST"]),
         Route("/v1/models/{name}/plan", api.plan, methods=["GET"]),
+        Route("/v1/models/{name}/pull", api.pull, methods=["POST"]),
         Route("/v1/gpus", api.gpus, methods=["GET"]),
         Route("/v1/models/{name}/unload", api.unload, methods=["POST"]),
         Route("/v1/models/{name}/logs", api.logs, methods=["GET"]),

@@ -154,6 +154,28 @@ def load(ctx: click.Context, name: str, old: str | None) -> None:
 
 
 @main.command()
+@click.argument("name")
+@click.pass_context
+def pull(ctx: click.Context, name: str) -> None:
+    """Download NAME's model files (Hugging Face) without loading it."""
+    interactive = sys.stderr.isatty()
+    for line in _daemon(ctx).stream_lines("POST", f"/v1/models/{name}/pull"):
+        if not line.strip():
+            continue
+        event = json.loads(line)
+        if event["event"] == "progress" and event["message"]:
+            click.echo(("\r\x1b[2K" + event["message"]) if interactive else event["message"], err=True, nl=not interactive)
+        elif event["event"] == "error":
+            if interactive:
+                click.echo(err=True)
+            _fail(event["message"])
+        elif event["event"] == "done":
+            if interactive:
+                click.echo("\r\x1b[2K", err=True, nl=False)
+            click.echo(f"{name}: model files are complete")
+
+
+@main.command()
 @click.argument("name", required=False)
 @click.option("--all", "unload_all", is_flag=True, help="unload every model")
 @click.pass_context

@@ -25,10 +25,12 @@ from llmd.drivers.base import Driver, LaunchRequest, LaunchSpec, Placement
 
 from .config import DaemonConfig
 from .engines import resolve_command
+from .downloads import resolve_cached
 from .errors import EngineStartError, LlmdError, NoRoomError, UnknownModelError
 from .ledger import PidLedger
 from .planner import Planner
 from .profiles import Profile, ProfileSet
+from .pull import fetch_model
 from .scheduler import NoFit, Plan, RunningModel
 from .supervisor import EngineProcess, free_port, process_tree, spawn_engine, tail_lines
 
@@ -398,7 +400,7 @@ class Manager:
         """Place, evict, spawn and wait for readiness; the spawned engine is appended to `started` at once."""
         profile = self._effective_profile(inst)
         driver = self.drivers[profile.engine]
-        model_path = self._model_path(profile)
+        model_path = await self._fetch_model(inst, profile)
         command = resolve_command(self.config, driver)
         await self._reserve_placement(inst, profile, model_path)
         placement = inst.placement
@@ -491,7 +493,7 @@ class Manager:
         if placement is None or placement.cpu_only or placement.gpu_layers is not None or placement.cpu_moe_layers:
             return  # only a whole-model placement gives a total worth reusing
         try:
-            self.planner.learn(inst.profile, self._model_path(inst.profile), process_tree(engine.pid))
+            self.planner.learn(inst.profile, self._local_model_path(inst.profile), process_tree(engine.pid))
         except (LlmdError, OSError) as exc:
             log.warning("could not measure %s's GPU memory: %s", inst.name, exc)
 
@@ -524,7 +526,8 @@ class Manager:
         self.planner.release(inst.name)
         self._notify_changed()
 
-    def _model_path(self, profile: Profile) -> Path:
+    def _local_model_path(self, profile: Profile) -> Path:
+        """The model on disk now, without downloading: for plans and measurements."""
         source = profile.model
         if source.path is not None:
             if not source.path.exists():
@@ -532,18 +535,31 @@ class Manager:
                     f"model file {source.path} for {profile.name!r} does not exist; fix [model] path in its profile"
                 )
             return source.path
-        from huggingface_hub import hf_hub_download, snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        cached = resolve_cached(source)
+        if cached is None:
+            raise EngineStartError(
+                f"{profile.name!r}: {source.hf_repo} is not downloaded yet; run `llmctl pull {profile.name}` "
+                "(a request for the model downloads it too)"
+            )
+        return cached
+
+    async def _fetch_model(self, inst: Instance, profile: Profile, update: bool = False) -> Path:
+        """The model on disk, downloading it first if needed, with progress in `ps` and `llmctl load`."""
+        if profile.model.path is not None:
+            return self._local_model_path(profile)
+
+        def show(line: str) -> None:
+            inst.progress = f"downloading {line}"
 
         try:
-            if source.hf_file:
-                return Path(hf_hub_download(source.hf_repo, source.hf_file, revision=source.revision, local_files_only=True))
-            return Path(snapshot_download(source.hf_repo, revision=source.revision, local_files_only=True))
-        except LocalEntryNotFoundError:
-            raise EngineStartError(
-                f"{profile.name!r}: {source.hf_repo} is not in the Hugging Face cache; "
-                "download it first (for example with `hf download`)"
-            ) from None
+            return await fetch_model(profile.model, show, update=update)
+        finally:
+            inst.progress = ""
+
+    async def pull(self, name: str) -> Path:
+        """Download (or update) a model's files without loading it."""
+        inst = self.instance(name)
+        return await self._fetch_model(inst, inst.profile, update=True)
 
     def _ports_in_use(self) -> set[int]:
         return {inst.engine.port for inst in self.instances.values() if inst.engine is not None}
@@ -659,7 +675,8 @@ class Manager:
             await self.ensure_ready(name)
             return
         if old_inst.state is State.READY and old_inst.placement is not None and new_inst.state is not State.READY:
-            result, _ = self.planner.place(new_inst.profile, self._model_path(new_inst.profile), self._running_except(new_inst))
+            model_path = await self._fetch_model(new_inst, new_inst.profile)
+            result, _ = self.planner.place(new_inst.profile, model_path, self._running_except(new_inst))
             if not (isinstance(result, Plan) and not result.evict):
                 await self.unload(old, f"replaced by {name}")
         await self.ensure_ready(name)
@@ -722,7 +739,7 @@ class Manager:
     def plan_preview(self, name: str) -> dict[str, Any]:
         """What loading `name` now would do, without doing it: for `llmctl plan`."""
         inst = self.instance(name)
-        result, details = self.planner.place(inst.profile, self._model_path(inst.profile), self._running_except(inst))
+        result, details = self.planner.place(inst.profile, self._local_model_path(inst.profile), self._running_except(inst))
         report: dict[str, Any] = {"model": inst.name, "state": inst.state.value, **details}
         if isinstance(result, NoFit):
             report.update({"fits": False, "reason": result.reason})
