@@ -22,6 +22,7 @@ import httpx
 from .config import config_path_from_env, default_socket, load_config
 from .durations import format_duration
 from .errors import LlmdError
+from .profiles import check_model_name
 from .units import format_mib
 
 EXIT_FAILED = 1
@@ -112,6 +113,14 @@ def main(ctx: click.Context, socket_path: Path | None, config_path: Path | None)
     ctx.obj = {"socket": socket_path, "config": config_path}
 
 
+def _check_name(name: str) -> str:
+    """Refuse a name that is not a model id before it goes into a URL path."""
+    try:
+        return check_model_name(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+
+
 def _daemon(ctx: click.Context) -> Daemon:
     socket_path = ctx.obj["socket"]
     if socket_path is None:
@@ -129,6 +138,9 @@ def _daemon(ctx: click.Context) -> Daemon:
 @click.pass_context
 def load(ctx: click.Context, name: str, old: str | None) -> None:
     """Start NAME's engine and wait until it is ready, showing progress."""
+    _check_name(name)
+    if old:
+        _check_name(old)
     daemon = _daemon(ctx)
     interactive = sys.stderr.isatty()
     params = {"replace": old} if old else {}
@@ -158,6 +170,7 @@ def load(ctx: click.Context, name: str, old: str | None) -> None:
 @click.pass_context
 def pull(ctx: click.Context, name: str) -> None:
     """Download NAME's model files (Hugging Face) without loading it."""
+    _check_name(name)
     interactive = sys.stderr.isatty()
     for line in _daemon(ctx).stream_lines("POST", f"/v1/models/{name}/pull"):
         if not line.strip():
@@ -183,6 +196,8 @@ def unload(ctx: click.Context, name: str | None, unload_all: bool) -> None:
     """Stop NAME's engine (or every engine with --all)."""
     if bool(name) == unload_all:
         raise click.UsageError("give a model NAME or --all")
+    if name:
+        _check_name(name)
     daemon = _daemon(ctx)
     if unload_all:
         result = daemon.call("POST", "/v1/unload")
@@ -234,6 +249,7 @@ def _where(row: dict[str, Any]) -> str:
 @click.pass_context
 def plan(ctx: click.Context, name: str, as_json: bool) -> None:
     """What loading NAME now would need and do (nothing is loaded)."""
+    _check_name(name)
     report = _daemon(ctx).call("GET", f"/v1/models/{name}/plan")
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -307,6 +323,7 @@ def list_profiles(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
     """Print NAME's engine log."""
+    _check_name(name)
     params = {"lines": lines, "follow": "1" if follow else "0"}
     try:
         for chunk in _daemon(ctx).stream_bytes(f"/v1/models/{name}/logs", params=params):

@@ -7,10 +7,11 @@ defaults to that user's XDG directories, so llmd needs no root.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from .validation import read_toml, validate_file_data
 
@@ -54,6 +55,29 @@ def default_socket() -> Path:
 _Strict = ConfigDict(extra="forbid")
 PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
 
+MIN_API_KEY_CHARS = 8
+MIN_MANAGEMENT_TOKEN_CHARS = 16
+# Sent as `Authorization: Bearer SECRET`: printable ASCII without spaces travels in a header unchanged.
+_SECRET_PATTERN = re.compile(r"[\x21-\x7e]+")
+_SECRET_FIELDS = ("api_keys", "management_token")
+
+
+def _check_host_port(field: str, value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'{field} must be "HOST:PORT", like "127.0.0.1:8808"')
+    return value
+
+
+def _secret_problem(secret: SecretStr, min_chars: int) -> str | None:
+    """What is wrong with a key or token, without ever quoting it."""
+    value = secret.get_secret_value()
+    if len(value) < min_chars:
+        return f"is too short ({len(value)} characters); use at least {min_chars}, e.g. from `openssl rand -hex 24`"
+    if not _SECRET_PATTERN.fullmatch(value):
+        return "contains spaces or non-ASCII characters; use printable ASCII only, e.g. from `openssl rand -hex 24`"
+    return None
+
 
 class ServerConfig(BaseModel):
     model_config = _Strict
@@ -71,14 +95,64 @@ class ServerConfig(BaseModel):
     shutdown_grace: PositiveSeconds = 30.0
     # How long a request waits for room on the GPUs (busy models finishing) before a 503.
     queue_timeout: PositiveSeconds = 60.0
+    # How long a client may take to send a request body before a 408, so a trickling client
+    # cannot hold a connection and a buffer open indefinitely.
+    body_timeout: PositiveSeconds = 30.0
+    # Bearer keys the proxy accepts; empty means no key is needed. SecretStr keeps them out of
+    # every repr, log line and validation error.
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    # Profiles may only name model files inside these directories; empty allows any path.
+    model_dirs: list[Path] = Field(default_factory=list)
+    # An optional TCP listener for the management API, next to the unix socket; it requires
+    # `management_token` because a TCP port has no file permissions to guard it.
+    management_listen: str | None = None
+    management_token: SecretStr | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_secrets(cls, data: Any) -> Any:
+        """Wrap keys and tokens before any other check, so no error message can quote one."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in _SECRET_FIELDS:
+            value = data.get(name)
+            if isinstance(value, str):
+                data[name] = SecretStr(value)
+            elif isinstance(value, list):
+                data[name] = [SecretStr(item) if isinstance(item, str) else item for item in value]
+        return data
 
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError('listen must be "HOST:PORT", like "127.0.0.1:8808"')
-        return value
+        return _check_host_port("listen", value)
+
+    @field_validator("management_listen")
+    @classmethod
+    def _check_management_listen(cls, value: str | None) -> str | None:
+        return None if value is None else _check_host_port("management_listen", value)
+
+    @model_validator(mode="after")
+    def _check_secrets(self) -> "ServerConfig":
+        for index, key in enumerate(self.api_keys):
+            problem = _secret_problem(key, MIN_API_KEY_CHARS)
+            if problem:
+                raise ValueError(f"api_keys: key number {index + 1} {problem}")
+        if self.management_token is not None:
+            problem = _secret_problem(self.management_token, MIN_MANAGEMENT_TOKEN_CHARS)
+            if problem:
+                raise ValueError(f"management_token {problem}")
+        if self.management_listen is not None and self.management_token is None:
+            raise ValueError(
+                "management_listen needs management_token: anyone who can reach a TCP port could load and "
+                "unload models; set management_token to a random secret of at least "
+                f"{MIN_MANAGEMENT_TOKEN_CHARS} characters, or remove management_listen to use only the unix socket"
+            )
+        return self
+
+    def api_key_values(self) -> list[str]:
+        return [key.get_secret_value() for key in self.api_keys]
 
     @property
     def listen_host(self) -> str:
@@ -152,6 +226,7 @@ def load_config(path: Path | None) -> DaemonConfig:
     server.socket = (base / server.socket).resolve() if not server.socket.is_absolute() else server.socket
     server.state_dir = base / server.state_dir if not server.state_dir.is_absolute() else server.state_dir
     server.profile_dirs = [d if d.is_absolute() else base / d for d in server.profile_dirs]
+    server.model_dirs = [d if d.is_absolute() else base / d for d in server.model_dirs]
     if config.gpus.simulate is not None and not config.gpus.simulate.is_absolute():
         config.gpus.simulate = base / config.gpus.simulate
     return config

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,17 +17,19 @@ from pathlib import Path
 import anyio
 import click
 import uvicorn
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp
 
 from llmd.drivers.registry import load_drivers
 
 from .api import build_api_app
-from .config import DaemonConfig, config_path_from_env, load_config
-from .errors import LlmdError
+from .config import DaemonConfig, ServerConfig, config_path_from_env, load_config
+from .errors import ConfigError, LlmdError
 from .listeners import bind_tcp, bind_unix
 from .manager import Manager
 from .profiles import load_profiles
-from .proxy import Proxy, build_proxy_app
+from .proxy import BearerAuth, Proxy, build_proxy_app
+from .reload import reload_on_sighup
 from .sdnotify import notify, ping_watchdog_forever, watchdog_interval
 
 log = logging.getLogger("llmd")
@@ -54,10 +57,31 @@ def _server(app: ASGIApp, graceful_seconds: float) -> _Server:
     return _Server(config)
 
 
-async def serve(config: DaemonConfig) -> None:
+def _management_over_tcp(manager: Manager, server: ServerConfig) -> tuple[_Server, socket.socket] | None:
+    """The management API on `[server] management_listen`, behind `management_token`; None if not configured."""
+    if server.management_listen is None:
+        return None
+    assert server.management_token is not None  # config validation refuses a TCP listener without one
+    host, _, port = server.management_listen.rpartition(":")
+    try:
+        sock = bind_tcp(host.strip("[]"), int(port))
+    except ConfigError as exc:
+        # bind_tcp's messages name [server] listen; this address comes from management_listen.
+        raise ConfigError(str(exc).replace("[server] listen", "[server] management_listen", 1)) from None
+    app = BearerAuth(
+        build_api_app(manager),
+        [server.management_token.get_secret_value()],
+        credential="the [server] management_token",
+        reject=lambda message: JSONResponse({"error": message}, status_code=401),
+    )
+    return _server(app, API_SHUTDOWN_GRACE), sock
+
+
+async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads `config_path` and the profiles."""
     server = config.server
     drivers = load_drivers()
-    profiles = load_profiles(server.profile_dirs, set(drivers))
+    profiles = load_profiles(server.profile_dirs, set(drivers), server.model_dirs)
     for error in profiles.errors.values():
         log.error("skipping invalid profile: %s", error)
     server.state_dir.mkdir(parents=True, exist_ok=True)
@@ -66,37 +90,48 @@ async def serve(config: DaemonConfig) -> None:
     proxy_socket = bind_tcp(server.listen_host, server.listen_port)
     api_socket = bind_unix(server.socket)
     manager = Manager(config, drivers, profiles)
-    proxy = Proxy(manager)
-    proxy_server = _server(build_proxy_app(proxy), server.shutdown_grace)
+    manager.reap_leftovers()
+    proxy = Proxy(manager, server.body_timeout)
+    proxy_server = _server(build_proxy_app(proxy, server.api_key_values()), server.shutdown_grace)
     api_server = _server(build_api_app(manager), API_SHUTDOWN_GRACE)
+    listeners = [(proxy_server, proxy_socket), (api_server, api_socket)]
+    management_tcp = _management_over_tcp(manager, server)
+    if management_tcp is not None:
+        listeners.append(management_tcp)
 
     async def stop_on_signal() -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 if proxy_server.should_exit:
                     log.warning("second %s: not waiting for requests any longer", signal.Signals(signum).name)
-                    proxy_server.force_exit = api_server.force_exit = True
+                    for each, _ in listeners:
+                        each.force_exit = True
                     return
                 log.info("%s: finishing in-flight requests, then stopping engines", signal.Signals(signum).name)
                 notify("STOPPING=1", "STATUS=finishing in-flight requests, then stopping engines")
-                proxy_server.should_exit = api_server.should_exit = True
+                for each, _ in listeners:
+                    each.should_exit = True
 
     try:
         async with anyio.create_task_group() as daemon:
             await daemon.start(manager.run)
+            manager.autostart()
             daemon.start_soon(stop_on_signal)
+            daemon.start_soon(reload_on_sighup, manager, config_path)
             interval = watchdog_interval()
             if interval is not None:
                 daemon.start_soon(ping_watchdog_forever, interval)
             async with anyio.create_task_group() as servers:
-                servers.start_soon(proxy_server.serve, [proxy_socket])
-                servers.start_soon(api_server.serve, [api_socket])
-                while not (proxy_server.started and api_server.started):
+                for each, sock in listeners:
+                    servers.start_soon(each.serve, [sock])
+                while not all(each.started for each, _ in listeners):
                     await anyio.sleep(0.01)
                 status = (
                     f"serving {len(profiles.profiles)} profiles ({len(profiles.errors)} invalid) "
                     f"on http://{server.listen}, management on {server.socket}"
                 )
+                if server.management_listen is not None:
+                    status += f" and http://{server.management_listen} (token required)"
                 log.info("llmd ready: %s", status)
                 notify("READY=1", f"STATUS={status}")
             # Both servers have drained: stop the signal watcher and, through manager.run, every engine.
@@ -123,8 +158,9 @@ def serve_command(config_path: Path | None) -> None:
     # One line per proxied or probed request would flood the journal and slow the hot path.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        config = load_config(config_path_from_env(config_path))
-        anyio.run(serve, config, backend_options={"use_uvloop": True})
+        path = config_path_from_env(config_path)
+        config = load_config(path)
+        anyio.run(serve, config, path, backend_options={"use_uvloop": True})
     except LlmdError as exc:
         click.echo(f"llmd: {exc}", err=True)
         sys.exit(2)

@@ -7,6 +7,7 @@ clear error per invalid file.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -21,6 +22,10 @@ from .validation import read_toml, validate_file_data
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 _Strict = ConfigDict(extra="forbid")
+
+# Flags through which extra_args could move an engine off 127.0.0.1 or off the port llmd picked,
+# where it would be reachable without the proxy's API keys.
+_RESERVED_FLAGS = ("--host", "--port")
 
 
 def check_model_name(name: str) -> str:
@@ -70,6 +75,17 @@ class Launch(BaseModel):
     # Engine-specific flags, appended verbatim as argv items (never through a shell).
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_listen_flags(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            flag = arg.split("=", 1)[0]
+            if flag in _RESERVED_FLAGS:
+                raise ValueError(
+                    f"{flag} is set by llmd (engines listen on 127.0.0.1, on a port llmd picks); remove it"
+                )
+        return value
 
 
 class PlacementRules(BaseModel):
@@ -143,8 +159,15 @@ class ProfileSet:
         return profile
 
 
-def load_profile(path: Path, known_engines: set[str] | None = None) -> Profile:
-    """Read one profile file; raise ConfigError naming the file, the field and the fix."""
+def load_profile(
+    path: Path, known_engines: set[str] | None = None, model_dirs: Sequence[Path] = ()
+) -> Profile:
+    """Read one profile file; raise ConfigError naming the file, the field and the fix.
+
+    With `model_dirs`, a local model path must lie inside one of them once symlinks and `..`
+    are resolved, and the profile then names the resolved file, so the engine opens exactly
+    the file that was checked.
+    """
     try:
         name = check_model_name(path.stem)
     except ValueError as exc:
@@ -158,11 +181,30 @@ def load_profile(path: Path, known_engines: set[str] | None = None) -> Profile:
         )
     if profile.model.path is not None and not profile.model.path.is_absolute():
         profile.model.path = (path.parent / profile.model.path).resolve()
+    if profile.model.path is not None and model_dirs:
+        profile.model.path = _inside_model_dirs(path, profile.model.path, model_dirs)
     return profile
 
 
-def load_profiles(dirs: list[Path], known_engines: set[str] | None = None) -> ProfileSet:
-    """Every `*.toml` in `dirs`. A name or alias already taken is an error for the later file."""
+def _inside_model_dirs(profile_path: Path, model_path: Path, model_dirs: Sequence[Path]) -> Path:
+    """`model_path` with symlinks and `..` resolved, or ConfigError if that lies outside every dir."""
+    resolved = model_path.resolve()
+    if any(resolved.is_relative_to(directory.resolve()) for directory in model_dirs):
+        return resolved
+    via = f" (which resolves to {resolved})" if resolved != model_path else ""
+    allowed = ", ".join(str(directory) for directory in model_dirs)
+    raise ConfigError(
+        f"{profile_path}: model.path: {model_path}{via} is outside the allowed model directories ({allowed}); "
+        "move the model into one of them, or add its directory to [server] model_dirs in llmd.toml"
+    )
+
+
+def load_profiles(
+    dirs: list[Path], known_engines: set[str] | None = None, model_dirs: Sequence[Path] = ()
+) -> ProfileSet:
+    """Every `*.toml` in `dirs`. A name or alias already taken is an error for the later file.
+
+    `model_dirs`, when not empty, confines local model paths (see `load_profile`)."""
     result = ProfileSet()
     for directory in dirs:
         if not directory.is_dir():
@@ -170,7 +212,7 @@ def load_profiles(dirs: list[Path], known_engines: set[str] | None = None) -> Pr
         for path in sorted(directory.glob("*.toml")):
             key = path.stem
             try:
-                profile = load_profile(path, known_engines)
+                profile = load_profile(path, known_engines, model_dirs)
             except ConfigError as exc:
                 result.errors[key] = str(exc)
                 result.sources[key] = path

@@ -7,31 +7,43 @@ upstream request is closed, which makes the engine stop generating.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocketClose
 
-from .errors import LlmdError, UnknownModelError
+from .errors import LlmdError, NoRoomError, UnknownModelError
 from .manager import Manager
 from .openai_errors import error_response
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
-# Headers that describe one hop, or that upstream must compute itself.
+# Longer than any model name or alias can be; longer values are not echoed back in a 404.
+MAX_MODEL_CHARS = 256
+DEFAULT_BODY_TIMEOUT = 30.0
+# Nginx's code for "client closed request": the status of a reply nobody will receive.
+CLIENT_GONE = 499
+# Headers that describe one hop, or that upstream must compute itself. `authorization` carries
+# the proxy's API key, which engines must never see.
 _HOP_HEADERS = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length",
      "proxy-authorization", "proxy-connection", "authorization"}
 )
+# After a 401, 408 or 413 the rest of the body is not wanted: close instead of reading it to the end.
+_CLOSE = {"Connection": "close"}
 
 
 def _forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -39,40 +51,166 @@ def _forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, by
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+
+def _too_large() -> BadRequest:
+    return BadRequest(
+        413, f"request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB; send a shorter request", headers=_CLOSE
+    )
 
 
 async def _read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise BadRequest(413, f"request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB")
+        raise _too_large()
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise BadRequest(413, f"request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB")
+            raise _too_large()
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _json_kind(value: object) -> str:
+    """How a JSON value is named in an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
 
 
 def parse_model(body: bytes, content_type: str | None) -> str:
     """The `model` of an OpenAI request body, or BadRequest saying what is wrong with it."""
     if content_type is not None and "json" not in content_type.split(";")[0].lower():
-        raise BadRequest(415, f"Content-Type must be application/json, not {content_type!r}")
+        raise BadRequest(415, f"Content-Type must be application/json, not {content_type!r}; send the body as JSON")
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # also bad UTF-8, and integers too long for Python to convert
         raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(400, "request body is not valid JSON: it is nested too deeply; send a flatter object") from None
     if not isinstance(payload, dict):
-        raise BadRequest(400, "request body must be a JSON object")
-    model = payload.get("model")
-    if model is None:
+        raise BadRequest(
+            400, f'request body must be a JSON object like {{"model": "NAME", ...}}, not {_json_kind(payload)}'
+        )
+    if "model" not in payload:
         raise BadRequest(400, "request body has no 'model' field; name one of GET /v1/models", "model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest(400, "'model' must be a non-empty string", "model")
+    model = payload["model"]
+    if not isinstance(model, str):
+        raise BadRequest(400, f"'model' must be a string naming one of GET /v1/models, not {_json_kind(model)}", "model")
+    if not model:
+        raise BadRequest(400, "'model' is an empty string; name one of GET /v1/models", "model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise BadRequest(400, f"'model' is {len(model)} characters long, longer than any model name; name one of GET /v1/models", "model")
     return model
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+class BearerAuth:
+    """ASGI middleware: a request reaches `app` only with `Authorization: Bearer SECRET` for one of `secrets`.
+
+    `credential` says in error messages which setting holds the secrets; `reject` shapes the 401 body.
+    """
+
+    def __init__(
+        self, app: ASGIApp, secrets: Sequence[str], *, credential: str, reject: Callable[[str], Response]
+    ) -> None:
+        if not secrets:
+            raise ValueError("BearerAuth needs at least one secret")
+        self.app = app
+        # Compared as SHA-256 digests: equal lengths, so the comparison does not reveal a secret's length.
+        self._digests = [hashlib.sha256(secret.encode()).digest() for secret in secrets]
+        self._credential = credential
+        self._reject = reject
+
+    def matches(self, token: bytes) -> bool:
+        """Whether `token` is one of the secrets. Every secret is compared in constant time, with no
+        early exit on a match, so timing reveals neither whether nor which secret matched."""
+        digest = hashlib.sha256(token).digest()
+        matched = False
+        for expected in self._digests:
+            matched |= hmac.compare_digest(digest, expected)
+        return matched
+
+    def problem(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """What is wrong with the request's credentials, or None if they are good."""
+        value = _header(headers, b"authorization")
+        if value is None:
+            return f"authentication required: send the header 'Authorization: Bearer SECRET' where SECRET is {self._credential}"
+        scheme, _, token = value.strip().partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            return f"the Authorization header must read 'Bearer SECRET' where SECRET is {self._credential}"
+        if not self.matches(token):
+            return f"the Bearer token was not accepted; SECRET must be {self._credential}"
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        problem = self.problem(scope["headers"])
+        if problem is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await WebSocketClose(code=1008, reason="authentication required")(scope, receive, send)
+        else:
+            response = self._reject(problem)
+            response.headers["WWW-Authenticate"] = 'Bearer realm="llmd"'
+            # The body stays unread: close rather than let an unauthenticated client stream it to us.
+            response.headers.update(_CLOSE)
+            await response(scope, receive, send)
+
+
+def _unauthorized(message: str) -> Response:
+    return error_response(401, message, code="invalid_api_key")
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its reply was ready."""
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    # Called once the body has been read: the next message is the disconnect, whenever it comes.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def _unless_disconnected(receive: Receive, work: Callable[[], Awaitable[Response]]) -> Response:
+    """`work()`, cancelled if the client disconnects first: a request nobody waits for must not
+    keep a model busy, sit in a queue, or keep an engine generating. Raises _ClientGone then."""
+    result: Response | None = None
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+        try:
+            result = await work()
+        except Exception as exc:  # re-raised as is below, not wrapped in the task group's ExceptionGroup
+            failure = exc
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if result is None:
+        raise _ClientGone
+    return result
 
 
 class RelayResponse(StreamingResponse):
@@ -98,13 +236,23 @@ class RelayResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._upstream.aclose()
-            self._on_close()
+            try:
+                with anyio.CancelScope(shield=True):  # a cancelled request must still close upstream
+                    await self._upstream.aclose()
+            finally:
+                self._on_close()
+
+
+def _with_model(body: bytes, name: str) -> bytes:
+    payload = json.loads(body)
+    payload["model"] = name
+    return json.dumps(payload).encode()
 
 
 class Proxy:
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Manager, body_timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
         self.manager = manager
+        self.body_timeout = body_timeout
         # One pooled keep-alive client for all engines; generation may take minutes, so no read timeout.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
@@ -117,16 +265,36 @@ class Proxy:
 
     async def forward(self, request: Request) -> Response:
         try:
-            body = await _read_body(request)
+            # The body is read before a model is acquired, so a slow client holds a connection,
+            # never a model; the deadline bounds even that.
+            with anyio.fail_after(self.body_timeout):
+                body = await _read_body(request)
             model = parse_model(body, request.headers.get("content-type"))
             profile = self.manager.resolve(model)
+            if model != profile.name:
+                body = _with_model(body, profile.name)  # engines such as fastllm only know the profile's name
         except BadRequest as exc:
-            return error_response(exc.status, exc.message, param=exc.param)
+            return error_response(exc.status, exc.message, param=exc.param, headers=exc.headers)
+        except TimeoutError:
+            message = f"request body did not arrive within {self.body_timeout:g}s; send the whole body without pausing"
+            return error_response(408, message, headers=_CLOSE)
         except UnknownModelError as exc:
             return error_response(404, str(exc), code="model_not_found", param="model")
-
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_GONE)
         try:
-            inst = await self.manager.acquire(profile.name)
+            return await _unless_disconnected(request.receive, lambda: self._exchange(request, body, profile.name))
+        except _ClientGone:
+            return Response(status_code=CLIENT_GONE)
+
+    async def _exchange(self, request: Request, body: bytes, name: str) -> Response:
+        """Acquire the model, send the request to its engine, and relay the reply."""
+        try:
+            inst = await self.manager.acquire(name)
+        except NoRoomError as exc:
+            return error_response(
+                503, str(exc), code="no_room", headers={"Retry-After": str(max(1, int(exc.retry_after)))}
+            )
         except LlmdError as exc:
             return error_response(503, str(exc), code="engine_unavailable")
         try:
@@ -136,24 +304,38 @@ class Proxy:
                 content=body,
                 headers=_forward_headers(request.headers.raw),
             )
-            upstream = await self.client.send(upstream_request, stream=True)
+            upstream = await self._send(upstream_request)
         except BaseException as exc:
             self.manager.release(inst)
             if isinstance(exc, httpx.HTTPError):
-                return error_response(502, f"engine for {profile.name!r} did not answer: {exc!r}", code="engine_error")
+                self.manager.engine_failed(inst)
+                return error_response(502, f"engine for {name!r} did not answer: {exc!r}", code="engine_error")
             raise
 
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            return RelayResponse(upstream, lambda: self.manager.release(inst), profile.name, headers)
+            return RelayResponse(upstream, lambda: self.manager.release(inst), name, headers)
         try:
             content = await upstream.aread()
         except httpx.HTTPError as exc:
-            return error_response(502, f"engine for {profile.name!r} broke off its reply: {exc!r}", code="engine_error")
+            self.manager.engine_failed(inst)
+            return error_response(502, f"engine for {name!r} broke off its reply: {exc!r}", code="engine_error")
         finally:
-            await upstream.aclose()
+            # Released first: if the client left, this runs cancelled and the close below is shielded.
             self.manager.release(inst)
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
         return Response(content, status_code=upstream.status_code, headers=headers)
+
+    async def _send(self, upstream_request: httpx.Request) -> httpx.Response:
+        """Send, retrying once when a pooled keep-alive connection turns out to be stale (its
+        engine was restarted, or closed it while idle): the request never reached an engine."""
+        try:
+            return await self.client.send(upstream_request, stream=True)
+        except httpx.RemoteProtocolError as exc:
+            if "without sending" not in str(exc):
+                raise
+        return await self.client.send(upstream_request, stream=True)
 
     async def list_models(self, request: Request) -> Response:
         created = int(time.time())
@@ -168,14 +350,29 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         return error_response(404, f"no route {request.method} {request.url.path}; llmd serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models")
+    if exc.status_code == 405:
+        # Starlette lists the methods in set order; sorted, the message reads the same every time.
+        allowed = ", ".join(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()))
+        return error_response(
+            405, f"method {request.method} is not allowed on {request.url.path}; use {allowed}", headers=exc.headers
+        )
     return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
 
 
-def build_proxy_app(proxy: Proxy) -> Starlette:
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Clients still get OpenAI's shape; the traceback goes to the daemon's log.
+    return error_response(500, f"llmd failed on {request.method} {request.url.path}: {exc!r}; the daemon's log has the details")
+
+
+def build_proxy_app(proxy: Proxy, api_keys: Sequence[str] = ()) -> ASGIApp:
+    """The proxy's ASGI app; with `api_keys`, every route (models list included) requires one."""
     routes = [
         Route("/v1/chat/completions", proxy.forward, methods=["POST"]),
         Route("/v1/completions", proxy.forward, methods=["POST"]),
         Route("/v1/embeddings", proxy.forward, methods=["POST"]),
         Route("/v1/models", proxy.list_models, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    if not api_keys:
+        return app
+    return BearerAuth(app, api_keys, credential="one of the keys in [server] api_keys", reject=_unauthorized)

@@ -27,8 +27,8 @@ def _sim(tmp_path: Path, cards: list[tuple[int, int]]) -> Path:
 
 
 def _profile(model: Path, *, vram: int | None = None, tp: str | int = 1, offload: str = "none",
-             env: dict[str, str] | None = None, ttl: str = "30m") -> str:
-    lines = ['engine = "llama-cpp"', "[model]", f'path = "{model}"', "[launch]", "ctx = 512",
+             env: dict[str, str] | None = None, ttl: str = "30m", ctx: int = 512) -> str:
+    lines = ['engine = "llama-cpp"', "[model]", f'path = "{model}"', "[launch]", f"ctx = {ctx}",
              f"tensor_parallel = {json.dumps(tp)}", f'offload = "{offload}"']
     if env:
         lines.append("env = {" + ", ".join(f'{k} = "{v}"' for k, v in env.items()) + "}")
@@ -157,8 +157,8 @@ def _stream(daemon, model: str, max_tokens: int, results: list, started: threadi
 
 def test_busy_model_survives_a_swap_request(make_daemon, tiny_gguf: Path, tmp_path: Path) -> None:
     models = _copies(tiny_gguf, tmp_path, ["a", "b", "c"])
-    profiles = {n: _profile(p, vram=1200) for n, p in models.items()}
-    daemon = _two_card_daemon(make_daemon, tmp_path, profiles, queue_timeout=2)
+    profiles = {n: _profile(p, vram=1200, ctx=4096) for n, p in models.items()}
+    daemon = _two_card_daemon(make_daemon, tmp_path, profiles, queue_timeout=1)
     daemon.llmctl("load", "a")
     daemon.llmctl("load", "b")
     results: list = []
