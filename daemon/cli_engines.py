@@ -1,17 +1,21 @@
-"""`llmctl engines`: build and list engines. Runs locally; it does not need the daemon."""
+"""`llmctl engines`: install and list engines. Runs locally; it does not need the daemon."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .config import config_path_from_env, load_config
 from .errors import LlmdError
 
-INSTALLERS = ("llama-cpp",)
+INSTALLERS = ("llama-cpp", "fastllm", "vllm")
+
+# What each engine can run on, for the listing's "usable here" column.
+_GPU_ONLY_FLAVOUR = "cuda"
 
 
 def _engines_dir(ctx: click.Context) -> Path:
@@ -19,11 +23,29 @@ def _engines_dir(ctx: click.Context) -> Path:
     return load_config(config_path_from_env(root.get("config"))).server.engines_dir
 
 
+def _host_gpus() -> tuple[int, str]:
+    """(number of NVIDIA GPUs, the inventory's note) for this host, never failing."""
+    from .gpus import open_inventory
+
+    inventory = open_inventory(None)
+    try:
+        count = len(inventory.snapshot())
+    except Exception:  # a driver hiccup must not break a listing
+        count = 0
+    return count, inventory.note
+
+
+def _usable(flavour: str, gpus: int) -> str:
+    if flavour == _GPU_ONLY_FLAVOUR:
+        return "yes (GPU)" if gpus else "no: needs an NVIDIA GPU"
+    return "yes (CPU)"
+
+
 @click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.pass_context
 def engines(ctx: click.Context, as_json: bool) -> None:
-    """List installed engines (or install one with `engines install`)."""
+    """List installed engines and what this host can run (or install one with `engines install`)."""
     if ctx.invoked_subcommand is not None:
         return
     from .provision import list_installed
@@ -33,30 +55,65 @@ def engines(ctx: click.Context, as_json: bool) -> None:
     except LlmdError as exc:
         click.echo(f"llmctl: {exc}", err=True)
         sys.exit(1)
-    rows = [
-        {"engine": e.engine, "version": e.version, "flavour": e.flavour, "path": str(e.path), "built_at": e.built_at}
+    gpus, note = _host_gpus()
+    rows: list[dict[str, Any]] = [
+        {
+            "engine": e.engine,
+            "version": e.version,
+            "flavour": e.flavour,
+            "path": str(e.path),
+            "command": e.command,
+            "built_at": e.built_at,
+            "usable": _usable(e.flavour, gpus),
+        }
         for e in installed
     ]
+    available = [
+        {"engine": name, "flavours": ["cpu", "cuda"] if gpus else ["cpu"],
+         "installed": any(r["engine"] == name for r in rows)}
+        for name in INSTALLERS
+    ]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({"host": {"gpus": gpus, "note": note}, "installed": rows, "available": available}, indent=2))
         return
+    click.echo(f"host: {note}")
+    if gpus:
+        click.echo(f"  engines can run on the CPU or on the {gpus} GPU{'s' if gpus != 1 else ''} (install with --cuda)")
+    else:
+        click.echo("  CPU-only: engines run on the CPU (a --cuda install would not run here)")
+    click.echo("")
     if not rows:
-        click.echo("no engines installed; run `llmctl engines install llama-cpp`")
-    for row in rows:
-        click.echo(f"{row['engine']:<10} {row['version']:<12} {row['flavour']:<5} {row['path']}")
+        click.echo("no engines installed")
+    else:
+        click.echo(f"{'ENGINE':<10} {'VERSION':<12} {'FLAVOUR':<7} {'USABLE HERE':<24} COMMAND")
+        for row in rows:
+            click.echo(f"{row['engine']:<10} {row['version']:<12} {row['flavour']:<7} {row['usable']:<24} {' '.join(row['command'])}")
+    missing = [a["engine"] for a in available if not a["installed"]]
+    if missing:
+        flag = " [--cuda]" if gpus else ""
+        click.echo("")
+        click.echo("not installed: " + ", ".join(f"`llmctl engines install {name}{flag}`" for name in missing))
 
 
 @engines.command()
 @click.argument("engine", type=click.Choice(INSTALLERS))
-@click.option("--cuda", is_flag=True, help="build with CUDA (needs the CUDA toolkit)")
+@click.option("--cuda", is_flag=True, help="install the CUDA build (llama-cpp: needs the CUDA toolkit)")
 @click.pass_context
 def install(ctx: click.Context, engine: str, cuda: bool) -> None:
-    """Build ENGINE into llmd's engines directory (cached by version)."""
+    """Install ENGINE into llmd's engines directory (cached by version); prints its command."""
     from .provision import install_llama_cpp
+    from .provision_venv import install_venv_engine
+
+    def progress(message: str) -> None:
+        click.echo(message, err=True)
 
     try:
-        binary = install_llama_cpp(_engines_dir(ctx), cuda=cuda, progress=lambda m: click.echo(m, err=True))
+        engines_dir = _engines_dir(ctx)
+        if engine == "llama-cpp":
+            click.echo(str(install_llama_cpp(engines_dir, cuda=cuda, progress=progress)))
+        else:
+            installed = install_venv_engine(engines_dir, engine, cuda=cuda, progress=progress)
+            click.echo(" ".join(installed.command))
     except LlmdError as exc:
         click.echo(f"llmctl: {exc}", err=True)
         sys.exit(1)
-    click.echo(str(binary))

@@ -15,8 +15,11 @@ from .errors import EngineNotInstalledError
 def resolve_command(config: DaemonConfig, driver: Driver) -> list[str]:
     """`[engines.NAME] command` (or the driver's default) with its first item made an executable path.
 
-    When the default command is not on PATH, an engine installed by `llmctl engines install`
-    is used instead, so a fresh install needs no PATH edits.
+    When the driver's default command is not on PATH, an engine installed by `llmctl engines
+    install` is used instead, so a fresh install needs no PATH edits. Such an install supplies
+    its whole argv prefix, which may differ from the default beyond the executable: fastllm's is
+    `[.../venv/bin/ftllm, "server"]`, vLLM's `[.../venv/bin/python, "-m",
+    "vllm.entrypoints.openai.api_server"]` in place of `["vllm", "serve"]`.
     """
     configured = config.engine(driver.name).command
     command = list(configured or driver.default_command)
@@ -32,14 +35,19 @@ def resolve_command(config: DaemonConfig, driver: Driver) -> list[str]:
     found = shutil.which(exe)
     if found:
         return [found, *command[1:]]
-    if configured is None or command == driver.default_command:
-        from .provision import find_installed_binary
+    if configured is None or command == list(driver.default_command):
+        from .provision import find_installed_command
 
-        installed = find_installed_binary(config.server.engines_dir, driver.name)
+        installed = find_installed_command(config.server.engines_dir, driver.name)
         if installed is not None:
-            return [str(installed), *command[1:]]
+            return installed
+    from .provision import LLAMA_CPP
+    from .provision_venv import VENV_ENGINES
+
+    fixes = f"set [engines.{driver.name}] command in llmd.toml"
+    if driver.name == LLAMA_CPP or driver.name in VENV_ENGINES:
+        fixes = f"run `llmctl engines install {driver.name}`, or {fixes}"
     raise EngineNotInstalledError(
-        f"engine {driver.name!r}: {exe!r} is not on PATH and no built copy is in "
-        f"{config.server.engines_dir}; run `llmctl engines install {driver.name}`, "
-        f"or set [engines.{driver.name}] command in llmd.toml"
+        f"engine {driver.name!r}: {exe!r} is not on PATH and no installed copy is in "
+        f"{config.server.engines_dir}; {fixes}"
     )

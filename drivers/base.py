@@ -5,12 +5,16 @@ Third-party drivers import these from `llmd.drivers.base`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from llmd.daemon.estimate import Estimate
     from llmd.daemon.profiles import Profile
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,9 @@ class GpuShare:
     index: int
     uuid: str
     vram_mib: int
+    # The card's whole memory, when the scheduler knows it (0: unknown). Engines that size
+    # themselves as a fraction of the card (vLLM's --gpu-memory-utilization) need it.
+    total_mib: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,26 @@ class LaunchRequest:
     env: dict[str, str] = field(default_factory=dict)
 
 
+def planned_estimate(request: LaunchRequest) -> Estimate | None:
+    """llmd's memory estimate for the request's model at the placement's context length.
+
+    This is what the scheduler planned with, so drivers that must cap an engine's KV cache or
+    offload (fastllm's --kv_cache_limit, vLLM's --kv-cache-memory-bytes) use the same numbers.
+    None when the model cannot be read well enough: the engine then reports the problem itself,
+    with a better message than a guess here could give.
+    """
+    from llmd.daemon.errors import LlmdError
+    from llmd.daemon.estimate import estimate_profile
+
+    profile = request.profile
+    launch = profile.launch.model_copy(update={"ctx": request.placement.ctx})
+    try:
+        return estimate_profile(profile.model_copy(update={"launch": launch}), request.model_path)
+    except (LlmdError, OSError, ValueError) as exc:
+        log.warning("%s: cannot estimate the model's memory (%s)", profile.name, exc)
+        return None
+
+
 @dataclass(frozen=True)
 class Readiness:
     """How to tell that an engine is ready: an HTTP GET on `path` answers 200.
@@ -87,7 +114,12 @@ class LaunchSpec:
 
 
 class Driver(Protocol):
-    """An engine driver. `name` is the `engine` value profiles use."""
+    """An engine driver. `name` is the `engine` value profiles use.
+
+    A driver may also implement `load_progress(log_line) -> str | None` (see `ReportsLoadProgress`)
+    to turn the engine's log lines into progress while it loads. It is optional: call it through
+    `load_progress(driver, line)`, which works for drivers with and without it.
+    """
 
     name: str
     # argv prefix used when llmd.toml names no `[engines.NAME] command`.
@@ -96,3 +128,35 @@ class Driver(Protocol):
     def launch(self, request: LaunchRequest) -> LaunchSpec:
         """Build the argv and env that start this engine for `request`."""
         ...
+
+
+@runtime_checkable
+class ReportsLoadProgress(Protocol):
+    """The optional part of a driver: progress while the engine loads its model."""
+
+    def load_progress(self, log_line: str) -> str | None:
+        """A short human progress string for one line of the engine's log, such as
+        "loading weights 45%", or None when the line says nothing about progress.
+
+        Called for every line the engine writes (stdout and stderr interleaved, so a line may
+        carry another message before the part a driver looks for) until it is ready. It must be
+        cheap and must not raise.
+        """
+        ...
+
+
+def load_progress(driver: Driver, log_line: str) -> str | None:
+    """`driver.load_progress(log_line)` when the driver has it, else None.
+
+    A driver's bug here is logged and treated as "no progress", so it can never
+    fail a load.
+    """
+    method = getattr(driver, "load_progress", None)
+    if method is None:
+        return None
+    try:
+        result = method(log_line)
+    except Exception:  # progress is cosmetic: never let it break a load
+        log.exception("driver %r: load_progress failed on %r", getattr(driver, "name", driver), log_line[:200])
+        return None
+    return result if isinstance(result, str) and result else None

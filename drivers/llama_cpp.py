@@ -54,6 +54,30 @@ class LlamaCppDriver:
         env["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices()
         return LaunchSpec(argv=argv, env=env, readiness=Readiness(path="/health"))
 
+    def load_progress(self, log_line: str) -> str | None:
+        """The loading phase a llama-server log line marks, or None.
+
+        At its default verbosity llama-server logs only a few milestones and no percentages,
+        so this reports phases rather than a number.
+        """
+        for marker, phase in _PHASES:
+            if marker in log_line:
+                return phase
+        return None
+
+
+# Markers in the order llama-server logs them while starting (the load_tensors and KV lines
+# appear only with -lv 4 or higher).
+_PHASES = (
+    ("load_model: loading model", "loading the model"),
+    ("load_tensors:", "loading weights"),
+    ("load_model: initializing", "allocating the context and KV cache"),
+    ("llama_kv_cache", "allocating the KV cache"),
+    ("warming up the model", "warming up"),
+    ("model loaded", "starting the server"),
+    ("listening on", "ready"),
+)
+
 
 @hookimpl
 def llmd_drivers() -> list[LlamaCppDriver]:

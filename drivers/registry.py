@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def _builtin_plugins() -> dict[str, ModuleType]:
-    from . import llama_cpp
+    from . import fastllm, llama_cpp, vllm
 
-    return {"llama-cpp": llama_cpp}
+    return {"llama-cpp": llama_cpp, "fastllm": fastllm, "vllm": vllm}
 
 
 def load_drivers(extra_plugins: list[object] | None = None) -> dict[str, Driver]:

@@ -46,9 +46,47 @@ def llama_server_bin() -> Path:
     return path
 
 
+def engine_command(engine: str) -> list[str]:
+    """The argv prefix of `engine` as installed by `llmctl engines install ENGINE`.
+
+    Skips the calling test when it is not installed, or fails it when CI requires every engine.
+    """
+    if engine == "llama-cpp":
+        path = _llama_server()
+        command = [str(path)] if path is not None and path.exists() else None
+    else:
+        from llmd.daemon.provision import find_installed_command
+
+        command = find_installed_command(default_engines_dir(), engine)
+    if command is None:
+        message = f"{engine} is not installed: run `llmctl engines install {engine}`"
+        if REQUIRE_ENGINES:
+            pytest.fail(message)
+        pytest.skip(message)
+    return command
+
+
+@pytest.fixture(scope="session")
+def fastllm_command() -> list[str]:
+    return engine_command("fastllm")
+
+
+@pytest.fixture(scope="session")
+def vllm_command() -> list[str]:
+    return engine_command("vllm")
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weightless HF model directory for vLLM (start it with `--load-format dummy`)."""
+    from llmd.daemon.tinymodel import write_tiny_hf_dir
+
+    return write_tiny_hf_dir(tmp_path_factory.mktemp("models") / "tiny-hf")
 
 
 def engine_processes(state_dir: Path) -> list[psutil.Process]:
@@ -197,14 +235,23 @@ def make_daemon(tmp_path: Path, llama_server_bin: Path) -> Iterator:
             proc.kill()
 
 
-def tiny_profile(model: Path, *, ttl: str = "30m", aliases: list[str] | None = None, ctx: int = 512) -> str:
+def tiny_profile(
+    model: Path,
+    *,
+    ttl: str = "30m",
+    aliases: list[str] | None = None,
+    ctx: int = 512,
+    engine: str = "llama-cpp",
+    extra_args: list[str] | None = None,
+) -> str:
     return f"""\
-        engine = "llama-cpp"
+        engine = "{engine}"
         aliases = {aliases or []!r}
         [model]
         path = "{model}"
         [launch]
         ctx = {ctx}
+        extra_args = {extra_args or []!r}
         [policy]
         ttl = "{ttl}"
         """.replace("'", '"')

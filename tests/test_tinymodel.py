@@ -108,3 +108,35 @@ def test_rejects_impossible_shapes(tmp_path: Path, kwargs: dict[str, int]) -> No
     with pytest.raises(ValueError):
         write_tiny_gguf(tmp_path / "bad.gguf", **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hf_dir_for_vllm(tmp_path: Path) -> None:
+    import json
+
+    from tokenizers import Tokenizer
+
+    from llmd.daemon.tinymodel import write_tiny_hf_dir
+
+    path = write_tiny_hf_dir(tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing left from the atomic write
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    # vLLM's CPU attention kernels need a head size of 64 (they reject 16).
+    assert config["hidden_size"] // config["num_attention_heads"] == config["head_dim"] == 64
+    tokens, _types, _merges, bos_id, eos_id = tiny_vocab()
+    assert config["vocab_size"] == len(tokens) and config["eos_token_id"] == eos_id
+
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    text = "<|im_start|>user\nhello the world<|im_end|>"
+    ids = tokenizer.encode(text).ids
+    assert tokenizer.decode(ids, skip_special_tokens=False) == text
+    assert ids[0] == tokens.index("<|im_start|>") and ids[-1] == eos_id  # same ids as the GGUF
+    assert tokenizer.token_to_id("<|startoftext|>") == bos_id
+
+    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"] == CHAT_TEMPLATE
+    assert tokenizer_config["eos_token"] == "<|im_end|>"
+
+    # Writing again replaces the directory.
+    assert write_tiny_hf_dir(path, n_layers=3) == path
+    assert json.loads((path / "config.json").read_text())["num_hidden_layers"] == 3

@@ -1,0 +1,163 @@
+"""fastllm's `ftllm server`.
+
+    ftllm server MODEL --host H --port P --model_name NAME --device ... [placement flags]
+
+fastllm checks the `model` of every request against `--model_name` and answers 404 for any
+other name, so the served name is always the profile's name (the proxy rewrites a request that
+names an alias to the profile's name before forwarding it). It loads the model before it
+binds its port: connections are refused until it is ready, after which `GET /v1/models`
+answers 200 (there is no `/health`).
+
+Placement, as the scheduler decided it:
+
+- CPU: `--device cpu`, and an empty `CUDA_VISIBLE_DEVICES` so a CUDA build stays off the cards.
+- GPUs: `CUDA_VISIBLE_DEVICES` lists the placed cards by UUID, so inside the engine they are
+  `cuda:0..N-1`. One card is `--device cuda:0`; several are `--tp N` (fastllm's thread-level
+  tensor parallelism over the first N visible cards).
+- MoE experts on the CPU (`placement.cpu_moe_layers`, or the profile's `offload = "moe-experts"`):
+  `--moe_device cpu`.
+- `--kv_cache_limit` caps the KV cache at what the plan reserved for it. Without it fastllm
+  takes all free VRAM for its KV cache, which would starve every other model on the card.
+
+`--startup-progress ndjson` makes fastllm report its loading stages as `FTLLM_PROGRESS {json}`
+lines on stderr; `load_progress` turns them into short progress strings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from .base import LaunchRequest, LaunchSpec, Placement, Readiness, planned_estimate
+from .hookspecs import hookimpl
+
+PROGRESS_MARKER = "FTLLM_PROGRESS "
+
+# The profile's `cache_type` (llama.cpp's names, f16 by default) as fastllm's --kv_cache_dtype.
+# None: leave fastllm's own choice ("auto", the model's dtype).
+_KV_CACHE_DTYPES: dict[str, str | None] = {
+    "f16": None,
+    "auto": None,
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp8": "fp8_e4m3",
+    "fp8_e4m3": "fp8_e4m3",
+    "fp4": "fp4",
+}
+
+# Readable names for fastllm's startup stages (its own messages are fine too, but longer).
+_STAGES = {
+    "initializing": "initializing",
+    "tokenizer": "loading tokenizer",
+    "weights_prepare": "preparing weights",
+    "weights_load": "loading weights",
+    "weights_finalize": "finalizing weights",
+    "warmup": "warming up",
+    "server_starting": "starting API server",
+    "ready": "ready",
+}
+
+
+def kv_cache_dtype_args(cache_type: str) -> list[str]:
+    """`--kv_cache_dtype` for the profile's `cache_type`; raise ValueError naming the accepted values."""
+    key = cache_type.lower()
+    if key not in _KV_CACHE_DTYPES:
+        raise ValueError(
+            f"fastllm cannot use cache_type = {cache_type!r}; use one of "
+            f"{', '.join(sorted(_KV_CACHE_DTYPES))} in the profile's [launch] section"
+        )
+    value = _KV_CACHE_DTYPES[key]
+    return ["--kv_cache_dtype", value] if value else []
+
+
+def kv_cache_limit(kv_bytes: int, placement: Placement) -> str:
+    """fastllm's `--kv_cache_limit` value for `kv_bytes`, never more than the planned VRAM.
+
+    fastllm reads "Nm" as N x 10^6 bytes (decimal), and a value without a suffix loses its last
+    digit, so the value always carries the `m` suffix and is rounded up.
+    """
+    if placement.vram_mib:
+        kv_bytes = min(kv_bytes, placement.vram_mib * 1024 * 1024)
+    return f"{max(1, math.ceil(kv_bytes / 1_000_000))}m"
+
+
+def placement_args(request: LaunchRequest, kv_bytes: int | None = None) -> list[str]:
+    """The flags that put the model where the scheduler decided."""
+    placement = request.placement
+    if placement.cpu_only:
+        return ["--device", "cpu"]
+    # CUDA_VISIBLE_DEVICES holds exactly the placed cards, so they count from 0 inside the engine.
+    if len(placement.gpus) == 1:
+        args = ["--device", "cuda:0"]
+    else:
+        args = ["--tp", str(len(placement.gpus))]
+    if placement.cpu_moe_layers > 0 or request.profile.launch.offload == "moe-experts":
+        args += ["--moe_device", "cpu"]
+    if kv_bytes is not None:
+        args += ["--kv_cache_limit", kv_cache_limit(kv_bytes, placement)]
+    return args
+
+
+class FastllmDriver:
+    name = "fastllm"
+    default_command = ["ftllm", "server"]
+
+    def launch(self, request: LaunchRequest) -> LaunchSpec:
+        launch = request.profile.launch
+        placement = request.placement
+        estimate = None if placement.cpu_only else planned_estimate(request)
+        kv_bytes = estimate.kv_bytes if estimate is not None else None
+        argv = [
+            *request.command,
+            str(request.model_path),
+            "--host", request.host,
+            "--port", str(request.port),
+            # fastllm rejects requests for any other name with 404.
+            "--model_name", request.profile.name,
+            "--max_context_length", str(placement.ctx),
+            # Like llama.cpp's slots: the KV cache was planned for this many sequences.
+            "--max_batch", str(launch.parallel),
+            *kv_cache_dtype_args(launch.cache_type),
+            *placement_args(request, kv_bytes),
+            "--startup-progress", "ndjson",
+            *launch.extra_args,
+        ]
+        env = {**request.env, **launch.env}
+        # Empty for a CPU placement: the CUDA build in the same wheel then sees no card at all.
+        env["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices()
+        return LaunchSpec(argv=argv, env=env, readiness=Readiness(path="/v1/models"))
+
+    def load_progress(self, log_line: str) -> str | None:
+        """"loading weights 45%" from a `FTLLM_PROGRESS {json}` line, else None.
+
+        The marker may sit mid-line: fastllm's C++ side prints "Loading 45" without a newline
+        to stdout, which shares the log with stderr.
+        """
+        start = log_line.find(PROGRESS_MARKER)
+        if start < 0:
+            return None
+        try:
+            event = json.loads(log_line[start + len(PROGRESS_MARKER):])
+        except ValueError:
+            return None
+        if not isinstance(event, dict):
+            return None
+        stage = str(event.get("stage") or "")
+        what = _STAGES.get(stage) or str(event.get("message") or stage or "loading")
+        if event.get("type") == "startup.error":
+            return f"failed while {what}: {event.get('message', '')}".rstrip(": ")
+        if event.get("type") == "startup.ready":
+            return "ready"
+        # The stage's own percentage reads naturally ("loading weights 45%"); fastllm's overall
+        # percentage is the fallback.
+        percent = event.get("stage_percent", event.get("percent"))
+        if isinstance(percent, (int, float)) and not event.get("indeterminate"):
+            return f"{what} {percent:.0f}%"
+        return what
+
+
+@hookimpl
+def llmd_drivers() -> list[FastllmDriver]:
+    return [FastllmDriver()]
+
