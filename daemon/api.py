@@ -91,7 +91,7 @@ class ManagementApi:
                     "event": "progress",
                     "model": name,
                     "elapsed_s": round(time.monotonic() - started, 1),
-                    "message": inst.progress,
+                    "message": self.manager.progress_of(inst),
                     "log": last[0] if last else "",
                 })
             if job.error is not None:

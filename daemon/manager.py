@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import httpx
 
-from llmd.drivers.base import Driver, LaunchRequest, LaunchSpec, Placement
+from llmd.drivers.base import Driver, LaunchRequest, LaunchSpec, Placement, load_progress
 
 from .config import DaemonConfig
 from .engines import resolve_command
@@ -729,12 +729,22 @@ class Manager:
                     "cpu_moe_layers": placement.cpu_moe_layers if placement else 0,
                     "placement": placement.reason if placement else None,
                     "load_s": round(inst.load_seconds, 3) if inst.load_seconds is not None and engine else None,
-                    "progress": inst.progress or None,
+                    "progress": self.progress_of(inst) or None,
                     "error": inst.error,
                     "log": str(self._log_path(name)),
                 }
             )
         return rows
+
+    def progress_of(self, inst: Instance) -> str:
+        """What the model is doing now; while its engine loads, what the engine's log says of it."""
+        if inst.state is State.STARTING and inst.engine is not None:
+            driver = self.drivers.get(inst.profile.engine)
+            for line in reversed(inst.engine.log_tail(5)) if driver is not None else ():
+                said = load_progress(driver, line)
+                if said:
+                    return f"{inst.progress}: {said}"
+        return inst.progress
 
     def plan_preview(self, name: str) -> dict[str, Any]:
         """What loading `name` now would do, without doing it: for `llmctl plan`."""

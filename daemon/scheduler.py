@@ -554,7 +554,7 @@ def _offloaded_with_eviction(
 
 
 def _make_plan(need: ModelNeed, shape: _Shape, group: Sequence[_Card], evicted: Sequence[RunningModel]) -> Plan:
-    shares = tuple(GpuShare(index=c.index, uuid=c.uuid, vram_mib=shape.per_card) for c in group)
+    shares = tuple(GpuShare(index=c.index, uuid=c.uuid, vram_mib=shape.per_card, total_mib=c.total) for c in group)
     where = "+".join(f"GPU{c.index}" for c in group)
     names = ", ".join(sorted({c.name for c in group}))
     # Room as it will be once the evicted models have stopped.

@@ -145,14 +145,15 @@ def test_offload_profile_gets_a_partial_layer_count(make_daemon, tmp_path: Path)
 def _stream(daemon, model: str, max_tokens: int, results: list, started: threading.Event) -> None:  # type: ignore[no-untyped-def]
     body = {"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": max_tokens,
             "stream": True, "ignore_eos": True}
-    chunks = 0
+    chunks, done = 0, False
     with httpx.stream("POST", daemon.url + "/v1/chat/completions", json=body, timeout=120) as response:
         for line in response.iter_lines():
+            done = done or line == "data: [DONE]"
             if line.startswith("data: {"):
                 chunks += 1
                 started.set()
                 time.sleep(0.002)  # a slow reader keeps the model busy for a while
-    results.append((response.status_code, chunks))
+    results.append((response.status_code, chunks if done else -1))
 
 
 def test_busy_model_survives_a_swap_request(make_daemon, tiny_gguf: Path, tmp_path: Path) -> None:
@@ -177,7 +178,8 @@ def test_busy_model_survives_a_swap_request(make_daemon, tiny_gguf: Path, tmp_pa
     for thread in streams:
         thread.join(60)
     assert [status for status, _ in results] == [200, 200]
-    assert all(chunks > 1000 for _, chunks in results)
+    # Both ran to the end ([DONE]); bytes of one character share a chunk, so there are fewer chunks than tokens.
+    assert all(chunks > 300 for _, chunks in results), results
     rows = _rows(daemon)
     assert rows["a"]["state"] == "ready" and rows["b"]["state"] == "ready"
     # Once they are idle, c gets a card.
