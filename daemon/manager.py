@@ -481,12 +481,18 @@ class Manager:
         async with anyio.create_task_group() as tg:
             for victim in victims:
                 tg.start_soon(self._finish_stop, victim, "evicted to make room")
-        with anyio.move_on_after(self.config.gpus.release_timeout) as scope:
-            while self.planner.usage_of(pids):
-                await anyio.sleep(RELEASE_POLL_SECONDS)
-        if scope.cancelled_caught:
+        if not await self.wait_released(pids):
             log.warning("GPU memory of evicted engines (pids %s) was not released after %.0fs",
                         sorted(pids), self.config.gpus.release_timeout)
+
+    async def wait_released(self, pids: set[int]) -> bool:
+        """Wait until the GPUs show no memory held by `pids` (a driver may free it after the
+        process is gone); False if that took longer than `[gpus] release_timeout`."""
+        with anyio.move_on_after(self.config.gpus.release_timeout):
+            while self.planner.usage_of(pids):
+                await anyio.sleep(RELEASE_POLL_SECONDS)
+            return True
+        return False
 
     def _learn_usage(self, inst: Instance, engine: EngineProcess) -> None:
         placement = inst.placement

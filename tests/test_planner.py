@@ -71,3 +71,27 @@ def test_cpu_only_host_places_on_cpu_without_estimating(tmp_path: Path) -> None:
     result, details = planner.place(_profile(tmp_path / "missing.gguf"), tmp_path / "missing.gguf", [])
     assert isinstance(result, Plan) and result.placement.cpu_only
     assert "CPU-only" in details["inventory"] or "no NVIDIA" in details["inventory"]
+
+
+def test_manager_waits_until_the_gpus_show_evicted_memory_released(tmp_path: Path) -> None:
+    import anyio
+
+    from llmd.daemon.config import DaemonConfig
+    from llmd.daemon.manager import Manager
+    from llmd.daemon.profiles import ProfileSet
+
+    config = DaemonConfig.model_validate({"server": {"state_dir": str(tmp_path)}, "gpus": {"release_timeout": 0.5}})
+    manager = Manager(config, {}, ProfileSet())
+    readings = [{0: 900}, {0: 900}, {0: 300}, {}]
+    calls: list[set[int]] = []
+
+    def usage_of(pids: set[int]) -> dict[int, int]:
+        calls.append(pids)
+        return readings.pop(0) if readings else {}
+
+    manager.planner.usage_of = usage_of  # type: ignore[method-assign]
+    assert anyio.run(manager.wait_released, {4242}) is True
+    assert len(calls) == 4 and calls[0] == {4242}
+
+    manager.planner.usage_of = lambda pids: {0: 900}  # type: ignore[method-assign]  (never released)
+    assert anyio.run(manager.wait_released, {4242}) is False
