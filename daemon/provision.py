@@ -696,19 +696,22 @@ def _run_logged(
 
 def _smoke_test(binary: Path, *, cuda: bool, progress: Progress) -> str:
     """Run `llama-server --version` so a broken build is caught now, not when a model starts."""
+    return check_runs([str(binary), "--version"], "llama-server", cuda=cuda, progress=progress, timeout=60)[-2000:]
+
+
+def check_runs(cmd: list[str], label: str, *, cuda: bool, progress: Progress, timeout: float) -> str:
+    """Run a just-installed engine's self-check and return its output; raise EngineBuildError if
+    it fails. A CUDA build can be made on a host without a GPU driver, where it cannot run: that
+    is only a warning."""
     try:
-        out = subprocess.run(
-            [str(binary), "--version"], capture_output=True, text=True, errors="replace",
-            timeout=60, stdin=subprocess.DEVNULL,
-        )
-        text = (out.stdout + out.stderr).strip()
-        ok = out.returncode == 0
+        done = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        text, ok = (done.stdout + done.stderr).strip(), done.returncode == 0
     except (OSError, subprocess.TimeoutExpired) as exc:
         text, ok = str(exc), False
     if not ok:
         if cuda:
-            # A CUDA build can be made on a host without a GPU driver; it only runs where one is.
-            progress(f"warning: the built llama-server did not run here (no GPU driver?): {text[-300:]}")
+            progress(f"{label}: warning: the installed engine did not run here (no GPU driver?): {text[-300:]}")
         else:
-            raise EngineBuildError(f"the built llama-server does not run: {text[-1000:]}")
-    return text[-2000:]
+            raise EngineBuildError(f"{label}: the installed engine does not run ({' '.join(cmd)}):\n{text[-1500:]}")
+    return text

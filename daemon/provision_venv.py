@@ -48,6 +48,7 @@ from pathlib import Path
 
 from .provision import (
     MANIFEST,
+    check_runs,
     EngineBuildError,
     EngineInstallError,
     InstalledEngine,
@@ -417,19 +418,7 @@ def _log_tail(path: Path, size: int = 16_384) -> str:
 def _smoke_test(venv: Path, recipe: _Recipe, *, cuda: bool, progress: Progress, label: str) -> str:
     """Run the engine's smoke test so a broken install is caught now, not when a model starts."""
     cmd = [str(venv / "bin" / recipe.smoke_test[0]), *recipe.smoke_test[1:]]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=300,
-                              stdin=subprocess.DEVNULL)
-        text, ok = (done.stdout + done.stderr).strip(), done.returncode == 0
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        text, ok = str(exc), False
-    if not ok:
-        if cuda:
-            # A CUDA build can be installed on a host without a GPU driver; it only runs where one is.
-            progress(f"{label}: warning: the installed engine did not run here (no GPU driver?): {text[-300:]}")
-        else:
-            raise EngineBuildError(f"{label}: the installed engine does not run ({' '.join(cmd)}):\n{text[-1500:]}")
-    return text[-500:]
+    return check_runs(cmd, label, cuda=cuda, progress=progress, timeout=300)[-500:]
 
 
 def _installed_packages(pip: _Pip) -> dict[str, str]:

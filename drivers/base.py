@@ -160,3 +160,17 @@ def load_progress(driver: Driver, log_line: str) -> str | None:
         log.exception("driver %r: load_progress failed on %r", getattr(driver, "name", driver), log_line[:200])
         return None
     return result if isinstance(result, str) and result else None
+
+
+def cache_type_args(engine: str, flag: str, names: dict[str, str | None], cache_type: str) -> list[str]:
+    """`[flag, value]` for the profile's `cache_type` (llama.cpp's names) in `engine`'s terms;
+    nothing when `names` maps it to None (the engine's default). Raise ValueError naming the
+    accepted values."""
+    key = cache_type.lower()
+    if key not in names:
+        raise ValueError(
+            f"{engine} cannot use cache_type = {cache_type!r}; use one of "
+            f"{', '.join(sorted(names))} in the profile's [launch] section"
+        )
+    value = names[key]
+    return [flag, value] if value else []

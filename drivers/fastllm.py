@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 
-from .base import LaunchRequest, LaunchSpec, Placement, Readiness, planned_estimate
+from .base import LaunchRequest, LaunchSpec, Placement, Readiness, cache_type_args, planned_estimate
 from .hookspecs import hookimpl
 
 PROGRESS_MARKER = "FTLLM_PROGRESS "
@@ -60,15 +60,8 @@ _STAGES = {
 
 
 def kv_cache_dtype_args(cache_type: str) -> list[str]:
-    """`--kv_cache_dtype` for the profile's `cache_type`; raise ValueError naming the accepted values."""
-    key = cache_type.lower()
-    if key not in _KV_CACHE_DTYPES:
-        raise ValueError(
-            f"fastllm cannot use cache_type = {cache_type!r}; use one of "
-            f"{', '.join(sorted(_KV_CACHE_DTYPES))} in the profile's [launch] section"
-        )
-    value = _KV_CACHE_DTYPES[key]
-    return ["--kv_cache_dtype", value] if value else []
+    """`--kv_cache_dtype` for the profile's `cache_type`."""
+    return cache_type_args("fastllm", "--kv_cache_dtype", _KV_CACHE_DTYPES, cache_type)
 
 
 def kv_cache_limit(kv_bytes: int, placement: Placement) -> str:

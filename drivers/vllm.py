@@ -36,7 +36,7 @@ import logging
 import math
 import re
 
-from .base import LaunchRequest, LaunchSpec, Placement, Readiness, planned_estimate
+from .base import LaunchRequest, LaunchSpec, Placement, Readiness, cache_type_args, planned_estimate
 from .hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,8 @@ _KV_CACHE_DTYPES: dict[str, str | None] = {
 
 
 def kv_cache_dtype_args(cache_type: str) -> list[str]:
-    """`--kv-cache-dtype` for the profile's `cache_type`; raise ValueError naming the accepted values."""
-    key = cache_type.lower()
-    if key not in _KV_CACHE_DTYPES:
-        raise ValueError(
-            f"vLLM cannot use cache_type = {cache_type!r}; use one of "
-            f"{', '.join(sorted(_KV_CACHE_DTYPES))} in the profile's [launch] section"
-        )
-    value = _KV_CACHE_DTYPES[key]
-    return ["--kv-cache-dtype", value] if value else []
+    """`--kv-cache-dtype` for the profile's `cache_type`."""
+    return cache_type_args("vLLM", "--kv-cache-dtype", _KV_CACHE_DTYPES, cache_type)
 
 
 def gpu_memory_utilization(placement: Placement) -> float | None:
