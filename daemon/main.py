@@ -138,7 +138,6 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
             daemon.cancel_scope.cancel()
     finally:
         manager.kill_all_now()
-        await proxy.aclose()
         with contextlib.suppress(FileNotFoundError):
             server.socket.unlink()
     log.info("llmd stopped")

@@ -32,26 +32,43 @@ from .planner import Planner
 from .profiles import Profile, ProfileSet
 from .pull import fetch_model
 from .scheduler import NoFit, Plan, RunningModel
-from .supervisor import EngineProcess, free_port, process_tree, spawn_engine, tail_lines
+from .supervisor import EngineProcess, free_port, http_ok, process_tree, spawn_engine, tail_lines
 
 log = logging.getLogger(__name__)
 
 ENGINE_HOST = "127.0.0.1"
-IDLE_CHECK_SECONDS = 0.5
+IDLE_CHECK_SECONDS = 1.0
 RELEASE_POLL_SECONDS = 0.05
 # Crash handling: consecutive failed starts or crashes before llmd stops retrying on its own,
 # and how long a model must stay up for earlier failures to be forgiven.
 MAX_ATTEMPTS = 5
 STABLE_SECONDS = 60.0
 # An idle engine is probed this often; this many failed probes in a row mark it hung.
-HEALTH_INTERVAL = 0.5
-HEALTH_TIMEOUT = 0.6
+HEALTH_INTERVAL = 1.0
+HEALTH_TIMEOUT = 0.45
 HEALTH_FAILURES = 2
 # A busy engine may answer its probe slowly; it still must answer, or its requests would hang.
 BUSY_HEALTH_TIMEOUT = 5.0
 # Out of memory at load: halve the context and try again, down to this.
 MIN_CTX = 256
 _OOM_MARKERS = ("out of memory", "failed to allocate", "cudamalloc failed", "outofmemoryerror", "cannot allocate memory")
+
+
+def _engine_client(base_url: str) -> httpx.AsyncClient:
+    # Generation may take minutes: no read timeout. Keep-alive connections are reused.
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        trust_env=False,
+    )
+
+
+async def _close_client(inst: "Instance") -> None:
+    client, inst.client = inst.client, None
+    if client is not None:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
 
 
 def backoff_seconds(failures: int) -> float:
@@ -106,6 +123,9 @@ class Instance:
     spec: LaunchSpec | None = None
     # Set to make the health monitor probe at once (a proxied request just failed).
     probe_now: anyio.Event = field(default_factory=anyio.Event)
+    # Pooled keep-alive connections to this engine, for proxied requests; closed before the
+    # engine is stopped, so it need not wait for idle clients and no stale connection is reused.
+    client: httpx.AsyncClient | None = None
 
     @property
     def name(self) -> str:
@@ -151,8 +171,6 @@ class Manager:
         self._tg: anyio.abc.TaskGroup | None = None
         # Set (and replaced) whenever room may have appeared: a model went idle, stopped or failed.
         self._changed = anyio.Event()
-        # Readiness probes only; proxied traffic has its own pooled client.
-        self._probe_client = httpx.AsyncClient(trust_env=False)
 
     # ----- lifecycle of the manager itself -----
 
@@ -167,7 +185,6 @@ class Manager:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.stop_all()
-                await self._probe_client.aclose()
 
     def kill_all_now(self) -> None:
         """Synchronous last resort when the event loop is going away."""
@@ -361,6 +378,7 @@ class Manager:
             inst.ready_at = inst.last_used = time.monotonic()
             inst.load_seconds = inst.ready_at - load.started
             inst.progress = ""
+            inst.client = _engine_client(inst.base_url)
             log.info("%s ready in %.2fs", inst.name, inst.load_seconds)
             self._learn_usage(inst, engine)
             assert self._tg is not None
@@ -426,7 +444,7 @@ class Manager:
         self.planner.claim(profile.name, engine.pid, {share.index: share.vram_mib for share in placement.gpus})
         inst.progress = f"waiting for {profile.engine} (pid {engine.pid}) to load the model"
         log.info("starting %s: pid %d port %d, %s", profile.name, engine.pid, port, placement.reason or "placed")
-        await engine.wait_ready(spec, self.config.server.ready_timeout, self._probe_client)
+        await engine.wait_ready(spec, self.config.server.ready_timeout)
 
     async def _reserve_placement(self, inst: Instance, profile: Profile, model_path: Path) -> None:
         """Find room for `inst`, waiting up to queue_timeout for busy models to finish, and
@@ -591,6 +609,7 @@ class Manager:
         tail = "\n".join(engine.log_tail())
         what = hung[0] if hung else f"exited unexpectedly with code {code}"
         inst.state = State.STOPPING
+        await _close_client(inst)
         with anyio.CancelScope(shield=True):
             await engine.stop(grace=1.0)  # the leader is gone or hung: nothing it forked may stay
         self._clear(inst, State.FAILED)
@@ -621,11 +640,7 @@ class Manager:
             if inst.probe_now.is_set():
                 inst.probe_now = anyio.Event()
             timeout = BUSY_HEALTH_TIMEOUT if inst.in_flight else HEALTH_TIMEOUT
-            try:
-                response = await self._probe_client.get(url, timeout=timeout)
-                ok = response.status_code == 200
-            except httpx.HTTPError:
-                ok = False
+            ok = await http_ok(engine.port, inst.spec.readiness.path, timeout)
             failed = 0 if ok else failed + 1
             if failed >= HEALTH_FAILURES:
                 hung.append(f"stopped answering its health probe ({url})")
@@ -667,6 +682,7 @@ class Manager:
         engine = inst.engine
         assert engine is not None
         log.info("stopping %s (%s)", inst.name, reason)
+        await _close_client(inst)
         with anyio.CancelScope(shield=True):
             code = await engine.stop(self.config.server.stop_grace)
         log.info("%s stopped (exit code %s)", inst.name, code)

@@ -243,6 +243,17 @@ class RelayResponse(StreamingResponse):
                 self._on_close()
 
 
+async def _send(client: httpx.AsyncClient, upstream_request: httpx.Request) -> httpx.Response:
+    """Send, retrying once when a pooled keep-alive connection turns out to be stale (the
+    engine closed it while idle): the request never reached an engine."""
+    try:
+        return await client.send(upstream_request, stream=True)
+    except httpx.RemoteProtocolError as exc:
+        if "without sending" not in str(exc):
+            raise
+    return await client.send(upstream_request, stream=True)
+
+
 def _with_model(body: bytes, name: str) -> bytes:
     payload = json.loads(body)
     payload["model"] = name
@@ -253,15 +264,6 @@ class Proxy:
     def __init__(self, manager: Manager, body_timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
         self.manager = manager
         self.body_timeout = body_timeout
-        # One pooled keep-alive client for all engines; generation may take minutes, so no read timeout.
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            trust_env=False,
-        )
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
 
     async def forward(self, request: Request) -> Response:
         try:
@@ -298,13 +300,14 @@ class Proxy:
         except LlmdError as exc:
             return error_response(503, str(exc), code="engine_unavailable")
         try:
-            upstream_request = self.client.build_request(
+            assert inst.client is not None  # a ready instance always has one
+            upstream_request = inst.client.build_request(
                 request.method,
-                inst.base_url + request.url.path,
+                request.url.path,
                 content=body,
                 headers=_forward_headers(request.headers.raw),
             )
-            upstream = await self._send(upstream_request)
+            upstream = await _send(inst.client, upstream_request)
         except BaseException as exc:
             self.manager.release(inst)
             if isinstance(exc, httpx.HTTPError):
@@ -326,16 +329,6 @@ class Proxy:
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
         return Response(content, status_code=upstream.status_code, headers=headers)
-
-    async def _send(self, upstream_request: httpx.Request) -> httpx.Response:
-        """Send, retrying once when a pooled keep-alive connection turns out to be stale (its
-        engine was restarted, or closed it while idle): the request never reached an engine."""
-        try:
-            return await self.client.send(upstream_request, stream=True)
-        except httpx.RemoteProtocolError as exc:
-            if "without sending" not in str(exc):
-                raise
-        return await self.client.send(upstream_request, stream=True)
 
     async def list_models(self, request: Request) -> Response:
         created = int(time.time())

@@ -25,13 +25,15 @@ class FakeProfile:
 @dataclass
 class FakeInstance:
     name: str
-    base_url: str = "http://engine.invalid"
+    client: httpx.AsyncClient | None = None
 
 
 class FakeManager:
     """Serves the models named; `acquire_error` makes every acquire fail with it."""
 
     def __init__(self, names: Sequence[str] = ("tiny",)) -> None:
+        # Every instance's engine connection; the proxy talks to whatever client an instance has.
+        self.client: httpx.AsyncClient | None = None
         self.profiles = SimpleNamespace(profiles={name: FakeProfile(name) for name in names})
         self.in_flight = 0
         self.acquired = 0
@@ -48,10 +50,13 @@ class FakeManager:
             raise self.acquire_error
         self.in_flight += 1
         self.acquired += 1
-        return FakeInstance(name)
+        return FakeInstance(name, self.client)
 
     def release(self, inst: FakeInstance) -> None:
         self.in_flight -= 1
+
+    def engine_failed(self, inst: FakeInstance) -> None:
+        pass
 
 
 @dataclass
@@ -82,7 +87,7 @@ def fake_proxy_app(
     manager = FakeManager(names)
     engine = FakeEngine()
     proxy = Proxy(manager, body_timeout=body_timeout)  # type: ignore[arg-type]
-    proxy.client = httpx.AsyncClient(transport=httpx.MockTransport(engine.handle))
+    manager.client = httpx.AsyncClient(base_url="http://engine.invalid", transport=httpx.MockTransport(engine.handle))
     return build_proxy_app(proxy, api_keys), manager, engine
 
 
