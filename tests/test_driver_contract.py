@@ -248,8 +248,7 @@ def _start(engine: str, models: dict[str, Path], owner: Path) -> tuple[EnginePro
     engine_proc = spawn_engine(request.profile.name, spec, port, owner / "logs" / f"{engine}.log", str(owner))
 
     async def wait() -> None:
-        async with httpx.AsyncClient(trust_env=False) as client:
-            await engine_proc.wait_ready(spec, READY_TIMEOUT.get(engine, 60.0), client)
+        await engine_proc.wait_ready(spec, READY_TIMEOUT.get(engine, 60.0))
 
     try:
         anyio.run(wait)
