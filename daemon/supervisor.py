@@ -15,12 +15,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-import httpx
 
 from llmd.drivers.base import LaunchSpec
 
