@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
 from enum import StrEnum
@@ -112,7 +111,6 @@ class Instance:
     # became ready is not evicted before its waiting requests reach it.
     waiters: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    ready_at: float | None = None
     load_seconds: float | None = None
     error: str | None = None
     progress: str = ""
@@ -328,15 +326,6 @@ class Manager:
         self._changed.set()
         self._changed = anyio.Event()
 
-    @asynccontextmanager
-    async def use(self, name: str) -> AsyncIterator[Instance]:
-        """`acquire` and `release` around a block."""
-        inst = await self.acquire(name)
-        try:
-            yield inst
-        finally:
-            self.release(inst)
-
     # ----- loading -----
 
     def _begin_load(self, inst: Instance, delay: float = 0.0) -> None:
@@ -375,8 +364,8 @@ class Manager:
         else:
             engine = started[-1]
             inst.state = State.READY
-            inst.ready_at = inst.last_used = time.monotonic()
-            inst.load_seconds = inst.ready_at - load.started
+            inst.last_used = time.monotonic()
+            inst.load_seconds = inst.last_used - load.started
             inst.progress = ""
             inst.client = _engine_client(inst.base_url)
             log.info("%s ready in %.2fs", inst.name, inst.load_seconds)
@@ -538,7 +527,6 @@ class Manager:
         """The instance holds nothing any more: no engine, no claim."""
         inst.engine = None
         inst.spec = None
-        inst.ready_at = None
         inst.state = state
         inst.progress = ""
         self._clear_claim(inst)
