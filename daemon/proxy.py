@@ -273,6 +273,8 @@ class Proxy:
                 body = await _read_body(request)
             model = parse_model(body, request.headers.get("content-type"))
             profile = self.manager.resolve(model)
+            # For the metrics middleware, which labels the request by the model it reached.
+            request.scope["llmd.model"] = profile.name
             if model != profile.name:
                 body = _with_model(body, profile.name)  # engines such as fastllm only know the profile's name
         except BadRequest as exc:
