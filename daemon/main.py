@@ -39,7 +39,34 @@ API_SHUTDOWN_GRACE = 2.0
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: `llmd serve` owns the signals for both servers."""
+    """uvicorn without its own signal handling: `llmd serve` owns the signals for both servers.
+
+    uvicorn's housekeeping loop wakes every 0.1 s to see whether it should exit, which is most
+    of what an idle daemon costs. Here it wakes once a second, to refresh the Date header (which
+    has one-second resolution anyway), and setting `should_exit` wakes it at once, so shutdown
+    starts as soon as it is asked for."""
+
+    tick_seconds = 1.0
+    _exit_requested = False
+    _wake: anyio.Event | None = None
+
+    @property  # type: ignore[override]
+    def should_exit(self) -> bool:
+        return self._exit_requested
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self._exit_requested = value
+        if value and self._wake is not None:
+            self._wake.set()
+
+    async def main_loop(self) -> None:
+        self._wake = anyio.Event()
+        # on_tick refreshes the Date header when its counter is a multiple of 10 (its 0.1 s
+        # ticks): every tick here is a whole second, so it always passes 0.
+        while not await self.on_tick(0):
+            with anyio.move_on_after(self.tick_seconds):
+                await self._wake.wait()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -68,12 +95,16 @@ def _management_over_tcp(manager: Manager, server: ServerConfig) -> tuple[_Serve
     except ConfigError as exc:
         # bind_tcp's messages name [server] listen; this address comes from management_listen.
         raise ConfigError(str(exc).replace("[server] listen", "[server] management_listen", 1)) from None
-    app = BearerAuth(
+    bearer = BearerAuth(
         build_api_app(manager),
         [server.management_token.get_secret_value()],
         credential="the [server] management_token",
         reject=lambda message: JSONResponse({"error": message}, status_code=401),
     )
+    from .dashboard_auth import DashboardAuth
+
+    # A browser cannot send the Bearer header: the dashboard's login trades the token for a cookie.
+    app: ASGIApp = DashboardAuth(bearer) if manager.config.dashboard.enabled else bearer
     return _server(app, API_SHUTDOWN_GRACE), sock
 
 
@@ -92,7 +123,9 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     manager = Manager(config, drivers, profiles)
     manager.reap_leftovers()
     proxy = Proxy(manager, server.body_timeout)
-    proxy_server = _server(build_proxy_app(proxy, server.api_key_values()), server.shutdown_grace)
+    # /metrics sits behind the api keys; the request counter sits outside them, so 401s count too.
+    proxy_app = build_proxy_app(proxy, server.api_key_values(), extra_routes=manager.metrics.routes())
+    proxy_server = _server(manager.metrics.instrument(proxy_app), server.shutdown_grace)
     api_server = _server(build_api_app(manager), API_SHUTDOWN_GRACE)
     listeners = [(proxy_server, proxy_socket), (api_server, api_socket)]
     management_tcp = _management_over_tcp(manager, server)

@@ -2,7 +2,8 @@
 
 The request body is forwarded byte for byte; it is parsed only to read `model`. A streamed
 reply is passed on chunk by chunk as the engine produces it. When the client goes away, the
-upstream request is closed, which makes the engine stop generating.
+upstream request is closed, which makes the engine stop generating. The hop to the engine goes
+through `upstream.Pool`, the instance's own keep-alive connections.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
-import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
@@ -27,6 +27,8 @@ from starlette.websockets import WebSocketClose
 from .errors import LlmdError, NoRoomError, UnknownModelError
 from .manager import Manager
 from .openai_errors import error_response
+from .upstream import Headers, UpstreamError, find_header
+from .upstream import Response as UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +39,19 @@ DEFAULT_BODY_TIMEOUT = 30.0
 # Nginx's code for "client closed request": the status of a reply nobody will receive.
 CLIENT_GONE = 499
 # Headers that describe one hop, or that upstream must compute itself. `authorization` carries
-# the proxy's API key, which engines must never see.
+# the proxy's API key, which engines must never see. `expect` was answered by llmd's own server;
+# the body is sent with the request, so the engine has nothing to continue.
 _HOP_HEADERS = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length",
-     "proxy-authorization", "proxy-connection", "authorization"}
+    {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade", b"host", b"content-length",
+     b"proxy-authorization", b"proxy-connection", b"authorization", b"expect"}
 )
 # After a 401, 408 or 413 the rest of the body is not wanted: close instead of reading it to the end.
 _CLOSE = {"Connection": "close"}
 
 
-def _forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in headers if k.decode("latin-1").lower() not in _HOP_HEADERS]
+def _forward_headers(headers: Headers) -> Headers:
+    """The end-to-end headers of `headers`, as they came (names in any case)."""
+    return [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS]
 
 
 class BadRequest(Exception):
@@ -116,13 +120,6 @@ def parse_model(body: bytes, content_type: str | None) -> str:
     return model
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
-
-
 class BearerAuth:
     """ASGI middleware: a request reaches `app` only with `Authorization: Bearer SECRET` for one of `secrets`.
 
@@ -151,7 +148,7 @@ class BearerAuth:
 
     def problem(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """What is wrong with the request's credentials, or None if they are good."""
-        value = _header(headers, b"authorization")
+        value = find_header(headers, b"authorization")
         if value is None:
             return f"authentication required: send the header 'Authorization: Bearer SECRET' where SECRET is {self._credential}"
         scheme, _, token = value.strip().partition(b" ")
@@ -213,28 +210,42 @@ async def _unless_disconnected(receive: Receive, work: Callable[[], Awaitable[Re
     return result
 
 
-class RelayResponse(StreamingResponse):
-    """Streams an engine's reply as it arrives. Whatever ends the response (done, client gone,
-    engine gone), the upstream request is closed and the model released exactly once."""
+def _stream_error(name: str) -> bytes:
+    message = json.dumps({"error": {"message": f"engine for {name!r} broke off the stream", "type": "upstream_error"}})
+    return f"data: {message}\n\n".encode()
 
-    def __init__(self, upstream: httpx.Response, on_close: Callable[[], None], name: str, headers: dict[str, str]) -> None:
-        super().__init__(self._chunks(upstream, name), status_code=upstream.status_code, headers=headers)
+
+class RelayResponse(Response):
+    """Streams an engine's reply as it arrives, each piece sent on as soon as it is read.
+    Whatever ends the response (done, client gone, engine gone), the upstream response is
+    closed and the model released exactly once."""
+
+    def __init__(self, upstream: UpstreamResponse, on_close: Callable[[], None], name: str, headers: Headers) -> None:
+        self.status_code = upstream.status
+        self.raw_headers = headers
+        self.background = None
         self._upstream = upstream
         self._on_close = on_close
+        self._name = name
 
-    @staticmethod
-    async def _chunks(upstream: httpx.Response, name: str) -> AsyncIterator[bytes]:
+    async def _relay(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         try:
-            async for chunk in upstream.aiter_raw():
-                yield chunk
-        except httpx.HTTPError as exc:
-            log.warning("stream from %s broke off: %r", name, exc)
-            message = json.dumps({"error": {"message": f"engine for {name!r} broke off the stream", "type": "upstream_error"}})
-            yield f"data: {message}\n\n".encode()
+            async for chunk in self._upstream:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamError as exc:
+            log.warning("stream from %s broke off: %r", self._name, exc)
+            await send({"type": "http.response.body", "body": _stream_error(self._name), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            # The server's `send` does not fail once the client is gone; the disconnect comes
+            # through `receive`, and it stops the relay (and so the generation) at once.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+                await self._relay(send)
+                tg.cancel_scope.cancel()
         finally:
             try:
                 with anyio.CancelScope(shield=True):  # a cancelled request must still close upstream
@@ -243,15 +254,14 @@ class RelayResponse(StreamingResponse):
                 self._on_close()
 
 
-async def _send(client: httpx.AsyncClient, upstream_request: httpx.Request) -> httpx.Response:
-    """Send, retrying once when a pooled keep-alive connection turns out to be stale (the
-    engine closed it while idle): the request never reached an engine."""
-    try:
-        return await client.send(upstream_request, stream=True)
-    except httpx.RemoteProtocolError as exc:
-        if "without sending" not in str(exc):
-            raise
-    return await client.send(upstream_request, stream=True)
+class _Relayed(Response):
+    """A whole reply from an engine, headers as the engine sent them less the hop-by-hop ones."""
+
+    def __init__(self, content: bytes, status: int, headers: Headers) -> None:
+        self.status_code = status
+        self.body = content
+        self.background = None
+        self.raw_headers = [*headers, (b"content-length", str(len(content)).encode())]
 
 
 def _with_model(body: bytes, name: str) -> bytes:
@@ -303,34 +313,30 @@ class Proxy:
             return error_response(503, str(exc), code="engine_unavailable")
         try:
             assert inst.client is not None  # a ready instance always has one
-            upstream_request = inst.client.build_request(
-                request.method,
-                request.url.path,
-                content=body,
-                headers=_forward_headers(request.headers.raw),
+            upstream = await inst.client.request(
+                request.method, request.scope["path"], _forward_headers(request.headers.raw), body
             )
-            upstream = await _send(inst.client, upstream_request)
         except BaseException as exc:
             self.manager.release(inst)
-            if isinstance(exc, httpx.HTTPError):
+            if isinstance(exc, UpstreamError):
                 self.manager.engine_failed(inst)
-                return error_response(502, f"engine for {name!r} did not answer: {exc!r}", code="engine_error")
+                return error_response(502, f"engine for {name!r} did not answer: {exc}", code="engine_error")
             raise
 
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
-        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+        headers = _forward_headers(upstream.headers)
+        if (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
             return RelayResponse(upstream, lambda: self.manager.release(inst), name, headers)
         try:
-            content = await upstream.aread()
-        except httpx.HTTPError as exc:
+            content = await upstream.read()
+        except UpstreamError as exc:
             self.manager.engine_failed(inst)
-            return error_response(502, f"engine for {name!r} broke off its reply: {exc!r}", code="engine_error")
+            return error_response(502, f"engine for {name!r} broke off its reply: {exc}", code="engine_error")
         finally:
             # Released first: if the client left, this runs cancelled and the close below is shielded.
             self.manager.release(inst)
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
-        return Response(content, status_code=upstream.status_code, headers=headers)
+        return _Relayed(content, upstream.status, headers)
 
     async def list_models(self, request: Request) -> Response:
         created = int(time.time())
@@ -359,13 +365,14 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return error_response(500, f"llmd failed on {request.method} {request.url.path}: {exc!r}; the daemon's log has the details")
 
 
-def build_proxy_app(proxy: Proxy, api_keys: Sequence[str] = ()) -> ASGIApp:
-    """The proxy's ASGI app; with `api_keys`, every route (models list included) requires one."""
+def build_proxy_app(proxy: Proxy, api_keys: Sequence[str] = (), extra_routes: Sequence[Route] = ()) -> ASGIApp:
+    """The proxy's ASGI app; with `api_keys`, every route (models list and `extra_routes` included) requires one."""
     routes = [
         Route("/v1/chat/completions", proxy.forward, methods=["POST"]),
         Route("/v1/completions", proxy.forward, methods=["POST"]),
         Route("/v1/embeddings", proxy.forward, methods=["POST"]),
         Route("/v1/models", proxy.list_models, methods=["GET"]),
+        *extra_routes,
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     if not api_keys:

@@ -3,6 +3,7 @@ real daemon extra `[server]` settings."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp
 
 from llmd.daemon.errors import LlmdError, UnknownModelError
 from llmd.daemon.proxy import Proxy, build_proxy_app
+from llmd.daemon.upstream import Pool
 
 
 @dataclass
@@ -25,15 +27,17 @@ class FakeProfile:
 @dataclass
 class FakeInstance:
     name: str
-    client: httpx.AsyncClient | None = None
+    client: Pool | None = None
 
 
 class FakeManager:
     """Serves the models named; `acquire_error` makes every acquire fail with it."""
 
-    def __init__(self, names: Sequence[str] = ("tiny",)) -> None:
-        # Every instance's engine connection; the proxy talks to whatever client an instance has.
-        self.client: httpx.AsyncClient | None = None
+    def __init__(self, engine: FakeEngine, names: Sequence[str] = ("tiny",)) -> None:
+        # Every instance's connections go to `engine`, served in the event loop the proxy runs in.
+        self.engine = engine
+        self.client: Pool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.profiles = SimpleNamespace(profiles={name: FakeProfile(name) for name in names})
         self.in_flight = 0
         self.acquired = 0
@@ -48,6 +52,9 @@ class FakeManager:
     async def acquire(self, name: str) -> FakeInstance:
         if self.acquire_error is not None:
             raise self.acquire_error
+        if self._loop is not asyncio.get_running_loop():
+            self._loop = asyncio.get_running_loop()
+            self.client = Pool("127.0.0.1", await self.engine.serve())
         self.in_flight += 1
         self.acquired += 1
         return FakeInstance(name, self.client)
@@ -61,7 +68,8 @@ class FakeManager:
 
 @dataclass
 class FakeEngine:
-    """Answers like an OpenAI server and records every request it was sent."""
+    """Answers like an OpenAI server, over HTTP/1.1 on a loopback port, and records every
+    request it was sent."""
 
     requests: list[httpx.Request] = field(default_factory=list)
     # When set, each request waits here after being recorded, like an engine busy generating.
@@ -79,15 +87,39 @@ class FakeEngine:
             return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=b'data: {"x": 1}\n\ndata: [DONE]\n\n')
         return httpx.Response(200, json={"object": "chat.completion", "choices": []})
 
+    async def serve(self) -> int:
+        """Listen on a loopback port in the running event loop; return the port."""
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")[:-2]
+                    method, target, _ = head[0].split(" ")
+                    headers = [tuple(line.split(": ", 1)) for line in head[1:]]
+                    length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
+                    request = httpx.Request(method, f"http://engine.invalid{target}", headers=headers,
+                                            content=await reader.readexactly(length))
+                    response = await self.handle(request)
+                    lines = [f"HTTP/1.1 {response.status_code} {response.reason_phrase}"]
+                    lines += [f"{k}: {v}" for k, v in response.headers.multi_items()]
+                    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + response.content)
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass  # the proxy closed the connection
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(connection, "127.0.0.1", 0)
+        return int(server.sockets[0].getsockname()[1])
+
 
 def fake_proxy_app(
     api_keys: Sequence[str] = (), names: Sequence[str] = ("tiny",), body_timeout: float = 30.0
 ) -> tuple[ASGIApp, FakeManager, FakeEngine]:
     """The real proxy app, over a fake manager whose engine is `FakeEngine`."""
-    manager = FakeManager(names)
     engine = FakeEngine()
+    manager = FakeManager(engine, names)
     proxy = Proxy(manager, body_timeout=body_timeout)  # type: ignore[arg-type]
-    manager.client = httpx.AsyncClient(base_url="http://engine.invalid", transport=httpx.MockTransport(engine.handle))
     return build_proxy_app(proxy, api_keys), manager, engine
 
 
