@@ -189,12 +189,29 @@ class GpusConfig(BaseModel):
     release_timeout: PositiveSeconds = 30.0
 
 
+class DashboardConfig(BaseModel):
+    model_config = _Strict
+
+    # The web page at /dashboard on the management listeners (docs/dashboard.md); off, it is a 404.
+    enabled: bool = True
+
+
+class MetricsConfig(BaseModel):
+    model_config = _Strict
+
+    # GET /metrics (Prometheus) on the proxy and management listeners (docs/metrics.md); off, it
+    # is a 404 and requests are not counted. Read at startup only.
+    enabled: bool = True
+
+
 class DaemonConfig(BaseModel):
     model_config = _Strict
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     engines: dict[str, EngineConfig] = Field(default_factory=dict)
     gpus: GpusConfig = Field(default_factory=GpusConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     def engine(self, name: str) -> EngineConfig:
         return self.engines.get(name) or EngineConfig()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -86,6 +87,15 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llmd.daemon.tinymodel import write_tiny_hf_dir
 
     return write_tiny_hf_dir(tmp_path_factory.mktemp("models") / "tiny-hf")
+
+
+@pytest.fixture
+def slow_llama(tmp_path: Path, llama_server_bin: Path) -> Path:
+    """llama-server behind a wrapper that first sleeps $SLOW_START seconds (set per profile): a model that loads slowly."""
+    wrapper = tmp_path / "slow-llama-server"
+    wrapper.write_text(f'#!/bin/sh\nsleep "${{SLOW_START:-0}}"\nexec "{llama_server_bin}" "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    return wrapper
 
 
 def engine_processes(state_dir: Path) -> list[psutil.Process]:

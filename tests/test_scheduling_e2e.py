@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import stat
 import threading
 import time
 from pathlib import Path
@@ -56,13 +55,6 @@ def _copies(tiny: Path, tmp_path: Path, names: list[str]) -> dict[str, Path]:
     return paths
 
 
-@pytest.fixture
-def slow_llama(tmp_path: Path, llama_server_bin: Path) -> Path:
-    """llama-server behind a wrapper that first sleeps $SLOW_START seconds: a model that loads slowly."""
-    wrapper = tmp_path / "slow-llama-server"
-    wrapper.write_text(f'#!/bin/sh\nsleep "${{SLOW_START:-0}}"\nexec "{llama_server_bin}" "$@"\n')
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
-    return wrapper
 
 
 def _two_card_daemon(make_daemon, tmp_path: Path, profiles: dict[str, str], engine: Path | None = None,
