@@ -1,0 +1,317 @@
+"""The dashboard: its login and cross-site rules over HTTP, `[dashboard] enabled = false`, and the
+page itself driven in real headless Chromium against a real daemon and llama-server."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.datastructures import Headers
+
+from conftest import REQUIRE_ENGINES, engine_processes, wait_until
+from llmd.daemon.bench_store import write_bench
+from llmd.daemon.dashboard import gpu_views
+from llmd.daemon.dashboard_auth import COOKIE, cookie_token, cross_site_problem, login_cookie
+from llmd.daemon.supervisor import free_port
+from llmd.daemon.units import format_mib
+from support import daemon_with_server_settings
+
+TOKEN = "t-0123456789abcdef0123"
+WRONG_TOKEN = "t-wrong-wrong-wrong-wrong"
+HEADLINE = "46.1 tok/s gen, 512 tok/s prompt (1 stream)"
+EVIL = "http://evil.example"
+CHROMIUM = Path(os.environ.get("LLMD_CHROMIUM", "/usr/bin/chromium"))
+CARD_MIB = 2000
+
+
+# ----- pure parts -----
+
+
+def test_the_cookie_carries_any_token_the_config_allows() -> None:
+    token = 'a;b,c"d=e%f\\g'  # printable ASCII, but not cookie-safe as is
+    set_cookie = login_cookie(token, secure=False)
+    value = set_cookie.split(";")[0]
+    assert value.startswith(f"{COOKIE}=") and all(c not in value.partition("=")[2] for c in ';,"\\ ')
+    assert cookie_token(Headers({"cookie": f"other=1; {value}; more=2"})) == token.encode()
+    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie and "Secure" not in set_cookie
+    assert "Secure" in login_cookie(token, secure=True)
+    assert cookie_token(Headers({"cookie": "other=1"})) is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "required", "refused"),
+    [
+        ({"host": "h:1"}, False, False),  # llmctl, curl: no Origin
+        ({"host": "h:1"}, True, True),  # ... but the cookie is only sent by browsers, which send one
+        ({"host": "h:1", "origin": "http://h:1"}, True, False),
+        ({"host": "h:1", "origin": "https://H:1"}, True, False),
+        ({"host": "h:1", "origin": "http://h:2"}, False, True),
+        ({"host": "h:1", "origin": "null"}, False, True),
+        ({"host": "h:1", "origin": EVIL}, False, True),
+        ({"host": "h:1", "origin": "http://h:1", "sec-fetch-site": "cross-site"}, False, True),
+    ],
+)
+def test_cross_site_requests_are_recognised(headers: dict[str, str], required: bool, refused: bool) -> None:
+    problem = cross_site_problem(Headers(headers), origin_required=required)
+    assert (problem is not None) == refused, problem
+
+
+def test_gpu_bars_never_overflow_their_card() -> None:
+    report = {"gpus": [{
+        "index": 0, "total_mib": 1000, "used_mib": 1300, "free_mib": 0, "foreign_mib": 300,
+        "models": [{"model": "a", "vram_mib": 600, "state": "ready"}, {"model": "b", "vram_mib": 600, "state": "starting"}],
+    }]}
+    (card,) = gpu_views(report)
+    assert [(s["model"], s["x"], s["width"]) for s in card["segments"]] == [("a", 0, 60.0), ("b", 60.0, 40.0), (None, 100.0, 0)]
+
+
+# ----- a real daemon, over HTTP -----
+
+
+def _managed_daemon(make_daemon, profiles: dict[str, str], extra_config: str = ""):  # type: ignore[no-untyped-def]
+    """A daemon serving management on TCP behind TOKEN; returns it and that listener's URL."""
+    port = free_port()
+    build = functools.partial(make_daemon, extra_config=extra_config)
+    settings = f'management_listen = "127.0.0.1:{port}"\nmanagement_token = "{TOKEN}"\n'
+    daemon = daemon_with_server_settings(build, settings, profiles, start=False)
+    return daemon, f"http://127.0.0.1:{port}"
+
+
+def _tiny(model: Path, vram_mib: int | None = None) -> str:
+    lines = ['engine = "llama-cpp"', "[model]", f'path = "{model}"', "[launch]", "ctx = 512"]
+    if vram_mib is not None:
+        lines += ["[placement]", f"vram_mib = {vram_mib}"]
+    return "\n".join(lines) + "\n"
+
+
+def _unix_client(daemon) -> httpx.Client:  # type: ignore[no-untyped-def]
+    return httpx.Client(base_url="http://llmd", transport=httpx.HTTPTransport(uds=str(daemon.socket)))
+
+
+@pytest.mark.engine
+def test_login_cookie_and_cross_site_rules(make_daemon, tiny_gguf: Path) -> None:  # type: ignore[no-untyped-def]
+    daemon, url = _managed_daemon(make_daemon, {"tiny": _tiny(tiny_gguf)})
+    daemon.start()
+    page = {"accept": "text/html,application/xhtml+xml"}
+    same_site = {"origin": url}
+    with httpx.Client(base_url=url) as client:
+        # Without credentials: a browser is sent to the login page; everything else gets the usual 401.
+        to_login = client.get("/dashboard", headers=page)
+        assert to_login.status_code == 303 and to_login.headers["location"] == "/dashboard/login"
+        for path in ("/dashboard/status", "/v1/ps"):
+            refused = client.get(path)
+            assert refused.status_code == 401 and "[server] management_token" in refused.json()["error"]
+        login = client.get("/dashboard/login")
+        assert login.status_code == 200 and "management_token" in login.text
+        assert client.get("/dashboard/static/dashboard.css").headers["content-type"].startswith("text/css")
+
+        wrong = client.post("/dashboard/login", data={"token": WRONG_TOKEN}, headers=same_site)
+        assert wrong.status_code == 401 and "That token was not accepted" in wrong.text
+        empty = client.post("/dashboard/login", data={"token": " "}, headers=same_site)
+        assert empty.status_code == 400 and "Paste the management token" in empty.text
+        forged = client.post("/dashboard/login", data={"token": TOKEN}, headers={"origin": EVIL})
+        assert forged.status_code == 403 and "cross-site" in forged.json()["error"]
+        assert "set-cookie" not in wrong.headers and "set-cookie" not in forged.headers and not client.cookies
+
+        signed_in = client.post("/dashboard/login", data={"token": TOKEN}, headers=same_site)
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/dashboard"
+        attributes = {part.strip().split("=")[0] for part in signed_in.headers["set-cookie"].split(";")}
+        assert {COOKIE, "HttpOnly", "SameSite", "Path"} <= attributes and "SameSite=Strict" in signed_in.headers["set-cookie"]
+
+        # The cookie opens the page and the management API...
+        dashboard = client.get("/dashboard", headers=page)
+        assert dashboard.status_code == 200 and 'data-model="tiny"' in dashboard.text
+        assert "frame-ancestors 'none'" in dashboard.headers["content-security-policy"]
+        assert client.get("/v1/ps").status_code == 200
+        # ... but a state-changing request made with it must come from the dashboard's own origin.
+        for headers in ({"origin": EVIL}, {}):
+            refused = client.post("/v1/models/tiny/load", headers=headers)
+            assert refused.status_code == 403, refused.text
+        assert daemon.state("tiny") is None
+        unloaded = client.post("/v1/models/tiny/unload", headers=same_site)
+        assert unloaded.status_code == 200 and unloaded.json() == {"model": "tiny", "unloaded": False}
+
+        # A cookie that no longer matches sends the browser back to log in.
+        client.cookies.clear()
+        client.cookies.set(COOKIE, "stale-token-value")
+        stale = client.get("/dashboard", headers=page)
+        assert stale.status_code == 303 and stale.headers["location"] == "/dashboard/login?expired=1"
+        assert "log in again" in client.get("/v1/ps").json()["error"]
+        client.cookies.clear()
+        assert client.post("/dashboard/login", data={"token": TOKEN}, headers=same_site).status_code == 303
+        logout = client.post("/dashboard/logout", headers=same_site)
+        assert logout.status_code == 303 and "Max-Age=0" in logout.headers["set-cookie"]
+        assert client.get("/v1/ps").status_code == 401
+
+    # Clients with the Bearer header send no Origin and need none; forged ones are still refused.
+    bearer = {"authorization": f"Bearer {TOKEN}"}
+    assert httpx.post(url + "/v1/models/tiny/unload", headers=bearer).status_code == 200
+    assert httpx.post(url + "/v1/models/tiny/unload", headers={**bearer, "origin": EVIL}).status_code == 403
+    assert httpx.get(url + "/dashboard", headers=bearer).status_code == 200
+
+    # On the unix socket, whose permissions are the access control, there is nothing to log in to.
+    with _unix_client(daemon) as local:
+        assert local.get("/dashboard").status_code == 200
+        assert local.get("/dashboard/login").headers["location"] == "/dashboard"
+        assert local.post("/v1/models/tiny/unload", headers={"origin": EVIL}).status_code == 403
+    assert daemon.state("tiny") in (None, "stopped")  # llmctl sends no Origin and still works
+    assert TOKEN not in daemon.log() and WRONG_TOKEN not in daemon.log()
+
+
+@pytest.mark.engine
+def test_a_disabled_dashboard_is_not_served(make_daemon, tiny_gguf: Path) -> None:  # type: ignore[no-untyped-def]
+    daemon, url = _managed_daemon(make_daemon, {"tiny": _tiny(tiny_gguf)}, extra_config="[dashboard]\nenabled = false\n")
+    daemon.start()
+    bearer = {"authorization": f"Bearer {TOKEN}"}
+    for path in ("/dashboard", "/dashboard/login", "/dashboard/status", "/dashboard/static/dashboard.js"):
+        assert httpx.get(url + path, headers=bearer).status_code == 404, path
+    # No login page, and no cookie is accepted in place of the token.
+    assert httpx.get(url + "/dashboard", headers={"accept": "text/html"}).status_code == 401
+    login = httpx.post(url + "/dashboard/login", data={"token": TOKEN}, headers={"origin": url})
+    assert login.status_code == 401 and "set-cookie" not in login.headers
+    assert httpx.get(url + "/v1/ps", cookies={COOKIE: TOKEN}).status_code == 401
+    assert httpx.get(url + "/v1/ps", headers=bearer).status_code == 200
+    with _unix_client(daemon) as local:
+        assert local.get("/dashboard").status_code == 404
+
+
+def test_a_bad_dashboard_setting_is_named(tmp_path: Path) -> None:
+    from llmd.daemon.config import load_config
+    from llmd.daemon.errors import ConfigError
+
+    path = tmp_path / "llmd.toml"
+    path.write_text('[dashboard]\nenabled = "sometimes"\n')
+    with pytest.raises(ConfigError, match=r"dashboard.enabled"):
+        load_config(path)
+    path.write_text("[dashboard]\nport = 1\n")
+    with pytest.raises(ConfigError, match=r"dashboard.port"):
+        load_config(path)
+
+
+# ----- the page in headless Chromium -----
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        problem: str | None = "the playwright package is missing: pip install -e '.[test]'"
+    else:
+        problem = None if CHROMIUM.exists() else f"Chromium is not installed at {CHROMIUM}: apt-get install chromium (or set LLMD_CHROMIUM)"
+    if problem is not None:
+        if REQUIRE_ENGINES:
+            pytest.fail(problem)
+        pytest.skip(problem)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield chromium
+        chromium.close()
+
+
+def _chat_with_engine(port: int) -> None:
+    """A request straight to the engine: something for it to write to its log."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+@pytest.mark.engine
+def test_the_dashboard_in_chromium(make_daemon, tiny_gguf: Path, tmp_path: Path, browser) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    sim = tmp_path / "gpus.json"
+    sim.write_text(json.dumps({"gpus": [{"name": "SimCard", "total_mib": CARD_MIB, "free_mib": CARD_MIB}] * 2}))
+    daemon, url = _managed_daemon(
+        make_daemon, {"tiny": _tiny(tiny_gguf, vram_mib=1200), "spare": _tiny(tiny_gguf, vram_mib=600)},
+        extra_config=f'[gpus]\nsimulate = "{sim}"\nmargin_mib = 0\n',
+    )
+    write_bench(daemon.state_dir, "tiny", {"headline": HEADLINE})
+    daemon.start()
+
+    context = browser.new_context()
+    page = context.new_page()
+    problems: list[str] = []  # script errors, and anything the page's Content-Security-Policy blocked
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("console", lambda message: problems.append(message.text) if "Content Security Policy" in message.text else None)
+
+    page.goto(url + "/dashboard")
+    expect(page).to_have_url(url + "/dashboard/login")
+    page.fill("#token", WRONG_TOKEN)
+    page.click("#login-submit")
+    expect(page.locator("#login-error")).to_contain_text("That token was not accepted")
+    expect(page.locator("#login-error")).to_contain_text("[server] management_token")
+    assert not context.cookies()
+
+    page.fill("#token", TOKEN)
+    page.click("#login-submit")
+    expect(page).to_have_url(url + "/dashboard")
+    (cookie,) = context.cookies()
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    expect(page.locator(".gpu")).to_have_count(2)
+    expect(page.locator(".gpu").first).to_contain_text("SimCard")
+    expect(page.locator(".segment")).to_have_count(0)
+    tiny = page.locator('tr.profile[data-model="tiny"]')
+    expect(page.locator("tr.profile")).to_have_count(2)
+    expect(tiny.locator(".badge")).to_have_text("stopped")
+    expect(tiny.locator(".bench")).to_have_text(HEADLINE)
+    expect(page.locator('tr.profile[data-model="spare"] .bench')).to_have_text("-")
+
+    tiny.locator('button[data-action="load"]').click()
+    expect(tiny.locator(".badge")).to_have_text("ready", timeout=90_000)
+    expect(page.locator("#notice")).to_have_text("tiny is ready.")
+    bearer = {"authorization": f"Bearer {TOKEN}"}
+    (row,) = [r for r in httpx.get(url + "/v1/ps", headers=bearer).json()["models"] if r["model"] == "tiny"]
+    assert row["state"] == "ready" and row["pid"] is not None
+    (card,) = row["gpus"]
+    segment = page.locator(f'.gpu[data-gpu="{card}"] .segment[data-model="tiny"]')
+    expect(segment).to_have_count(1)
+    expect(segment.locator("text")).to_have_text("tiny · 1.2 GiB")
+    expect(page.locator(f'.gpu[data-gpu="{card}"]')).to_contain_text(f"{format_mib(CARD_MIB - 1200)} free")
+    expect(page.locator(f'.gpu[data-gpu="{1 - card}"] .segment')).to_have_count(0)
+
+    # The log: what the engine wrote so far, then what it writes while the panel is open.
+    tiny.locator('button[data-action="logs"]').click()
+    expect(page.locator("#log-model")).to_have_text("tiny")
+    expect(page.locator("#log-text")).to_contain_text(f"listening on http://127.0.0.1:{row['port']}")
+    expect(page.locator("#log-text")).not_to_contain_text("launch_slot_")
+    _chat_with_engine(row["port"])
+    expect(page.locator("#log-text")).to_contain_text("launch_slot_", timeout=10_000)
+
+    tiny.locator('button[data-action="unload"]').click()
+    expect(tiny.locator(".badge")).to_have_text("stopped", timeout=30_000)
+    expect(page.locator("#notice")).to_have_text("tiny is unloaded.")
+    expect(page.locator(".segment")).to_have_count(0)
+    (row,) = [r for r in httpx.get(url + "/v1/ps", headers=bearer).json()["models"] if r["model"] == "tiny"]
+    assert row["state"] == "stopped" and row["pid"] is None
+    wait_until(lambda: not engine_processes(daemon.state_dir), what="the engine to exit")
+
+    page.click("#logout")
+    expect(page).to_have_url(url + "/dashboard/login")
+    page.goto(url + "/dashboard")
+    expect(page).to_have_url(url + "/dashboard/login")
+    assert problems == []
+    context.close()
+    assert TOKEN not in daemon.log()
+
+
+def test_every_dashboard_file_is_installed_with_the_package() -> None:
+    """pyproject.toml's package-data must name every file the dashboard serves, or an installed
+    (non-editable) llmd serves a page without its templates, script or stylesheet."""
+    import fnmatch
+    import tomllib
+
+    import llmd.daemon.dashboard as dashboard
+
+    root = Path(__file__).parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["llmd.daemon"]
+    files = [path.relative_to(dashboard.FILES.parent).as_posix() for path in dashboard.FILES.rglob("*") if path.is_file()]
+    assert {"dashboard_files/static/dashboard.js", "dashboard_files/templates/status.html"} <= set(files)
+    # setuptools' `*` does not cross a `/`, unlike fnmatch's: compare directory by directory.
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, p) and f.count("/") == p.count("/") for p in patterns)]
+    assert missing == [], f"add these to [tool.setuptools.package-data] in pyproject.toml: {missing}"
