@@ -1,105 +1,31 @@
-"""`llmctl`: talk to a running llmd over its unix socket.
+"""`llmctl`: talk to a running llmd over its unix socket (and write profiles, list engines, complete names).
 
-Exit codes scripts can rely on:
+Exit codes scripts can rely on (docs/cli.md has them per command):
   0  done
-  1  the daemon refused or failed the action (the message says why)
-  2  bad usage (unknown command, bad option)
+  1  the daemon refused or failed the action, or a local step failed (the message says why)
+  2  bad usage (unknown command, bad option or argument value)
   3  the daemon is not reachable on its socket
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-import httpx
 
-from .config import config_path_from_env, default_socket, load_config
+from .cli_client import EXIT_FAILED, EXIT_UNREACHABLE, Daemon, daemon_for, fail  # noqa: F401  (used by other cli_* modules)
+from .cli_complete import complete_model_names
+from .cli_output import dash as _dash
+from .cli_output import echo_json, echo_plan
+from .cli_output import table as _table
 from .durations import format_duration
-from .errors import LlmdError
 from .profiles import check_model_name
 from .units import format_mib
 
-EXIT_FAILED = 1
-EXIT_UNREACHABLE = 3
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"llmctl: {message}", err=True)
-    sys.exit(code)
-
-
-class Daemon:
-    """A small client for the management API."""
-
-    def __init__(self, socket_path: Path) -> None:
-        self.socket_path = socket_path
-        self.client = httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(socket_path)),
-            base_url="http://llmd",
-            timeout=httpx.Timeout(30.0, read=None),
-        )
-
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError):
-            _fail(
-                f"cannot reach llmd on {self.socket_path}: is `llmd serve` running? "
-                "(set --socket or LLMD_SOCKET if it listens elsewhere)",
-                EXIT_UNREACHABLE,
-            )
-        except PermissionError:
-            _fail(f"permission denied on {self.socket_path}: join the socket's group (e.g. `llmd`)", EXIT_UNREACHABLE)
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        with self._errors():
-            response = self.client.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            _fail(_error_text(response))
-        return response.json()
-
-    def stream_lines(self, method: str, path: str, **kwargs: Any) -> Iterator[str]:
-        with self._errors():
-            with self.client.stream(method, path, **kwargs) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _fail(_error_text(response))
-                yield from response.iter_lines()
-
-    def stream_bytes(self, path: str, **kwargs: Any) -> Iterator[bytes]:
-        with self._errors():
-            with self.client.stream("GET", path, **kwargs) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _fail(_error_text(response))
-                yield from response.iter_raw()
-
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        error = body.get("error")
-        return error if isinstance(error, str) else json.dumps(error)
-    except ValueError:
-        return f"HTTP {response.status_code}: {response.text.strip()}"
-
-
-def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
-
-
-def _dash(value: Any) -> str:
-    return "-" if value is None or value == [] else str(value)
+_fail = fail
 
 
 @click.group()
@@ -109,7 +35,10 @@ def _dash(value: Any) -> str:
               help="llmd.toml to read paths from (default: $LLMD_CONFIG)")
 @click.pass_context
 def main(ctx: click.Context, socket_path: Path | None, config_path: Path | None) -> None:
-    """Control a running llmd: load, unload and inspect models."""
+    """Control a running llmd: load, unload and inspect models.
+
+    Exit codes: 0 done, 1 failed or refused, 2 bad usage, 3 llmd not reachable.
+    """
     ctx.obj = {"socket": socket_path, "config": config_path}
 
 
@@ -122,19 +51,13 @@ def _check_name(name: str) -> str:
 
 
 def _daemon(ctx: click.Context) -> Daemon:
-    socket_path = ctx.obj["socket"]
-    if socket_path is None:
-        path = config_path_from_env(ctx.obj["config"])
-        try:
-            socket_path = load_config(path).server.socket if path else default_socket()
-        except LlmdError as exc:
-            _fail(str(exc))
-    return Daemon(socket_path)
+    return daemon_for(ctx)
 
 
 @main.command()
-@click.argument("name")
-@click.option("--replace", "old", metavar="OLD", help="swap OLD out for NAME (OLD stops once NAME is ready, or first if both do not fit)")
+@click.argument("name", shell_complete=complete_model_names)
+@click.option("--replace", "old", metavar="OLD", shell_complete=complete_model_names,
+              help="swap OLD out for NAME (OLD stops once NAME is ready, or first if both do not fit)")
 @click.pass_context
 def load(ctx: click.Context, name: str, old: str | None) -> None:
     """Start NAME's engine and wait until it is ready, showing progress."""
@@ -156,7 +79,7 @@ def load(ctx: click.Context, name: str, old: str | None) -> None:
         elif event["event"] == "error":
             if interactive:
                 click.echo(err=True)
-            _fail(event["message"])
+            fail(event["message"])
         elif event["event"] == "ready":
             if interactive:
                 click.echo("\r\x1b[2K", err=True, nl=False)
@@ -166,7 +89,7 @@ def load(ctx: click.Context, name: str, old: str | None) -> None:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_model_names)
 @click.pass_context
 def pull(ctx: click.Context, name: str) -> None:
     """Download NAME's model files (Hugging Face) without loading it."""
@@ -181,7 +104,7 @@ def pull(ctx: click.Context, name: str) -> None:
         elif event["event"] == "error":
             if interactive:
                 click.echo(err=True)
-            _fail(event["message"])
+            fail(event["message"])
         elif event["event"] == "done":
             if interactive:
                 click.echo("\r\x1b[2K", err=True, nl=False)
@@ -189,7 +112,7 @@ def pull(ctx: click.Context, name: str) -> None:
 
 
 @main.command()
-@click.argument("name", required=False)
+@click.argument("name", required=False, shell_complete=complete_model_names)
 @click.option("--all", "unload_all", is_flag=True, help="unload every model")
 @click.pass_context
 def unload(ctx: click.Context, name: str | None, unload_all: bool) -> None:
@@ -208,13 +131,13 @@ def unload(ctx: click.Context, name: str | None, unload_all: bool) -> None:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="print JSON (with each engine's argv)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (raw MiB and seconds, with each engine's argv)")
 @click.pass_context
 def ps(ctx: click.Context, as_json: bool) -> None:
     """Models that have run since the daemon started, and their state."""
     models = _daemon(ctx).call("GET", "/v1/ps")["models"]
     if as_json:
-        click.echo(json.dumps(models, indent=2))
+        echo_json(models)
         return
     rows = [
         [m["model"], m["engine"], m["state"], _dash(m["pid"]), _dash(m["port"]), _where(m),
@@ -244,46 +167,29 @@ def _where(row: dict[str, Any]) -> str:
 
 
 @main.command()
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.argument("name", shell_complete=complete_model_names)
+@click.option("--json", "as_json", is_flag=True, help="print JSON (raw MiB)")
 @click.pass_context
 def plan(ctx: click.Context, name: str, as_json: bool) -> None:
-    """What loading NAME now would need and do (nothing is loaded)."""
+    """What loading NAME now would need and do (nothing is loaded). Exits 1 if it does not fit now."""
     _check_name(name)
     report = _daemon(ctx).call("GET", f"/v1/models/{name}/plan")
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        echo_json(report)
+    elif echo_plan(report):
         return
-    click.echo(f"{report['model']} ({report['state']}); GPUs: {report['inventory']}")
-    estimate = report.get("estimate")
-    if estimate:
-        click.echo(
-            f"  estimate: weights {format_mib(estimate['weights_mib'])}, KV {format_mib(estimate['kv_mib'])} "
-            f"({estimate['kv_cells']} cells), compute {format_mib(estimate['compute_mib'])}, "
-            f"overhead {format_mib(estimate['gpu_overhead_mib'])}/GPU; {estimate['n_layers']} layers"
-        )
-    if "need_mib" in report:
-        click.echo(f"  reserve: {format_mib(report['need_mib'])} ({report['need_source']})")
     if not report["fits"]:
-        click.echo(f"  does not fit now: {report['reason']}")
         sys.exit(EXIT_FAILED)
-    gpus = ", ".join(f"GPU {g['index']}: {format_mib(g['vram_mib'])}" for g in report["gpus"]) or "CPU only"
-    click.echo(f"  placement: {gpus}")
-    if report["gpu_layers"] is not None and report["gpus"]:
-        click.echo(f"  layers on GPU: {report['gpu_layers']}; MoE layers on CPU: {report['cpu_moe_layers']}")
-    if report["evict"]:
-        click.echo(f"  would evict: {', '.join(report['evict'])}")
-    click.echo(f"  why: {report['reason']}")
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (raw MiB)")
 @click.pass_context
 def gpus(ctx: click.Context, as_json: bool) -> None:
     """The GPUs, their memory, and which model holds what."""
     report = _daemon(ctx).call("GET", "/v1/gpus")
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        echo_json(report)
         return
     click.echo(report["note"])
     rows = [
@@ -303,21 +209,21 @@ def list_profiles(ctx: click.Context, as_json: bool) -> None:
     """Profiles the daemon found, valid or not."""
     profiles = _daemon(ctx).call("GET", "/v1/profiles")["profiles"]
     if as_json:
-        click.echo(json.dumps(profiles, indent=2))
+        echo_json(profiles)
         return
     rows = [
         [p["name"], _dash(p["engine"]), "ok" if p["valid"] else "INVALID", _dash(p["state"]),
-         ",".join(p["aliases"]) or "-", _dash(p["model"])]
+         ",".join(p["aliases"]) or "-", _dash(p["ttl"]), _dash(p.get("bench")), _dash(p["model"])]
         for p in profiles
     ]
-    click.echo(_table(rows, ["name", "engine", "profile", "state", "aliases", "model"]))
+    click.echo(_table(rows, ["name", "engine", "profile", "state", "aliases", "ttl", "bench", "model"]))
     for p in profiles:
         if not p["valid"]:
             click.echo(f"\n{p['error']}", err=True)
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_model_names)
 @click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
 @click.option("-n", "--lines", default=50, show_default=True, help="how many lines of the end to show")
 @click.pass_context
@@ -336,3 +242,15 @@ def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
 from .cli_engines import engines  # noqa: E402  (registers the `engines` group)
 
 main.add_command(engines)
+
+from .cli_complete import completion  # noqa: E402
+from .cli_profile import profile  # noqa: E402
+
+main.add_command(completion)
+main.add_command(profile)
+
+from .cli_bench import bench  # noqa: E402
+from .cli_doctor import doctor  # noqa: E402
+
+main.add_command(bench)
+main.add_command(doctor)

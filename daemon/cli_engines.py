@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .config import config_path_from_env, load_config
+from .cli_client import cli_config, fail
+from .cli_output import echo_json, table
 from .errors import LlmdError
 
 INSTALLERS = ("llama-cpp", "fastllm", "vllm")
@@ -19,8 +18,7 @@ _GPU_ONLY_FLAVOUR = "cuda"
 
 
 def _engines_dir(ctx: click.Context) -> Path:
-    root = ctx.find_root().obj or {}
-    return load_config(config_path_from_env(root.get("config"))).server.engines_dir
+    return cli_config(ctx).server.engines_dir
 
 
 def _host_gpus() -> tuple[int, str]:
@@ -53,8 +51,7 @@ def engines(ctx: click.Context, as_json: bool) -> None:
     try:
         installed = list_installed(_engines_dir(ctx))
     except LlmdError as exc:
-        click.echo(f"llmctl: {exc}", err=True)
-        sys.exit(1)
+        fail(str(exc))
     gpus, note = _host_gpus()
     rows: list[dict[str, Any]] = [
         {
@@ -74,7 +71,7 @@ def engines(ctx: click.Context, as_json: bool) -> None:
         for name in INSTALLERS
     ]
     if as_json:
-        click.echo(json.dumps({"host": {"gpus": gpus, "note": note}, "installed": rows, "available": available}, indent=2))
+        echo_json({"host": {"gpus": gpus, "note": note}, "installed": rows, "available": available})
         return
     click.echo(f"host: {note}")
     if gpus:
@@ -85,9 +82,10 @@ def engines(ctx: click.Context, as_json: bool) -> None:
     if not rows:
         click.echo("no engines installed")
     else:
-        click.echo(f"{'ENGINE':<10} {'VERSION':<12} {'FLAVOUR':<7} {'USABLE HERE':<24} COMMAND")
-        for row in rows:
-            click.echo(f"{row['engine']:<10} {row['version']:<12} {row['flavour']:<7} {row['usable']:<24} {' '.join(row['command'])}")
+        click.echo(table(
+            [[r["engine"], r["version"], r["flavour"], r["usable"], " ".join(r["command"])] for r in rows],
+            ["engine", "version", "flavour", "usable here", "command"],
+        ))
     missing = [a["engine"] for a in available if not a["installed"]]
     if missing:
         flag = " [--cuda]" if gpus else ""
@@ -115,5 +113,4 @@ def install(ctx: click.Context, engine: str, cuda: bool) -> None:
             installed = install_venv_engine(engines_dir, engine, cuda=cuda, progress=progress)
             click.echo(" ".join(installed.command))
     except LlmdError as exc:
-        click.echo(f"llmctl: {exc}", err=True)
-        sys.exit(1)
+        fail(str(exc))

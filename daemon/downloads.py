@@ -324,6 +324,23 @@ def download(
         return cached
 
 
+def list_repo_files(repo: str, revision: str | None = None, *, token: str | None = None,
+                    endpoint: str | None = None) -> tuple[str, list[tuple[str, int]]]:
+    """(commit, [(path, size in bytes)]) of every file in `repo` at `revision`, without
+    downloading any. Failures raise the same DownloadErrors `download` does, naming the fix."""
+    wanted = revision or constants.DEFAULT_REVISION
+    job = _Job(
+        repo=repo, revision=wanted, endpoint=(endpoint or constants.ENDPOINT).rstrip("/"), token=token,
+        cache=hub_cache_dir(), meter=_Meter(lambda _: None, repo), cancel=None, retries=0,
+    )
+    api = HfApi(endpoint=job.endpoint, token=token)
+    with job.translated(None):
+        commit = api.repo_info(repo, revision=wanted).sha or wanted
+        tree = api.list_repo_tree(repo, revision=commit, recursive=True)
+        files = [(entry.path, _file_size(entry)) for entry in tree if isinstance(entry, RepoFile)]
+    return commit, files
+
+
 @dataclass
 class _Job:
     """One `download` call: what to fetch, from where, into where, and how it goes."""

@@ -1,4 +1,4 @@
-"""SIGHUP: read llmd.toml and the profiles again, and apply what can change while running."""
+"""Re-reading llmd.toml and the profiles while running: on SIGHUP, or `POST /v1/reload` (profiles only)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,28 @@ from pathlib import Path
 
 import anyio
 
-from .config import load_config
+from .config import DaemonConfig, load_config
 from .errors import LlmdError
 from .manager import Manager
-from .profiles import load_profiles
+from .profiles import ProfileSet, load_profiles
 from .sdnotify import notify
 
 log = logging.getLogger(__name__)
 
 # Settings bound at startup: a change to them is reported, and takes effect at the next start.
 _NEEDS_RESTART = ("listen", "socket", "state_dir", "management_listen")
+
+
+def reload_profiles(manager: Manager, config: DaemonConfig) -> tuple[ProfileSet, dict[str, list[str]]]:
+    """Read the profiles from `config`'s dirs and hand them to the manager, which restarts only
+    the models whose profile changed. Returns the profiles found and what changed."""
+    profiles = load_profiles(config.server.profile_dirs, set(manager.drivers), config.server.model_dirs)
+    for error in profiles.errors.values():
+        log.error("skipping invalid profile: %s", error)
+    changes = manager.reload(config, profiles)
+    summary = ", ".join(f"{what}: {', '.join(names)}" for what, names in changes.items() if names) or "no running model changed"
+    log.info("reloaded %d profiles (%d invalid); %s", len(profiles.profiles), len(profiles.errors), summary)
+    return profiles, changes
 
 
 def reload_now(manager: Manager, config_path: Path | None) -> None:
@@ -34,12 +46,7 @@ def reload_now(manager: Manager, config_path: Path | None) -> None:
         if getattr(config.server, key, None) != getattr(manager.config.server, key, None):
             log.warning("[server] %s changed: it takes effect when llmd restarts", key)
             setattr(config.server, key, getattr(manager.config.server, key, None))
-    profiles = load_profiles(config.server.profile_dirs, set(manager.drivers), config.server.model_dirs)
-    for error in profiles.errors.values():
-        log.error("skipping invalid profile: %s", error)
-    changes = manager.reload(config, profiles)
-    summary = ", ".join(f"{what}: {', '.join(names)}" for what, names in changes.items() if names) or "no running model changed"
-    log.info("reloaded %d profiles (%d invalid); %s", len(profiles.profiles), len(profiles.errors), summary)
+    profiles, _ = reload_profiles(manager, config)
     notify("READY=1", f"STATUS=reloaded: {len(profiles.profiles)} profiles")
 
 

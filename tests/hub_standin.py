@@ -25,7 +25,9 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 LFS_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt")
@@ -156,6 +158,15 @@ class HubStandin:
         assert self._server is not None, "the stand-in is not running"
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def use_in_env(self, monkeypatch: Any, hf_home: Path) -> None:
+        """Point huggingface_hub at this stand-in through the environment, so child processes (a
+        daemon, llmctl) use it too: no token, an empty cache under `hf_home`."""
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", self.url)
+        monkeypatch.setenv("HF_HOME", str(hf_home))
+        monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))
 
     def start(self) -> HubStandin:
         standin = self

@@ -20,11 +20,7 @@ def hub(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     with HubStandin(token="GOOD") as standin:
         standin.add_commit(REPO, {"tiny-Q8_0.gguf": tiny_gguf.read_bytes(), "README.md": b"tiny"})
         # The daemon is a child process: it takes the Hub address, token and cache from its environment.
-        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", standin.url)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+        standin.use_in_env(monkeypatch, tmp_path / "hf-home")
         yield standin
 
 
