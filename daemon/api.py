@@ -14,8 +14,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .bench_store import read_bench, write_bench
 from .errors import LlmdError, UnknownModelError
 from .manager import Manager
+from .reload import reload_profiles
 
 PROGRESS_SECONDS = 0.5
 FOLLOW_POLL_SECONDS = 0.25
@@ -54,12 +56,13 @@ class ManagementApi:
                 "state": self.manager.instances[name].state.value if name in self.manager.instances else "stopped",
                 "source": str(found.sources[name]),
                 "error": None,
+                "bench": self._bench_headline(name),
             }
             for name, profile in found.profiles.items()
         ]
         rows += [
             {"name": name, "engine": None, "valid": False, "aliases": [], "model": None, "ttl": None,
-             "state": None, "source": str(found.sources[name]), "error": error}
+             "state": None, "source": str(found.sources[name]), "error": error, "bench": None}
             for name, error in found.errors.items()
         ]
         return JSONResponse({"profiles": sorted(rows, key=lambda row: row["name"])})
@@ -127,6 +130,37 @@ class ManagementApi:
         except LlmdError as exc:
             return _error(422, str(exc))
 
+    async def reload(self, request: Request) -> Response:
+        """Re-read the profiles as SIGHUP does (llmd.toml itself is re-read only on SIGHUP)."""
+        profiles, changes = reload_profiles(self.manager, self.manager.config)
+        return JSONResponse({
+            "profiles": sorted(profiles.profiles),
+            "invalid": dict(sorted(profiles.errors.items())),
+            "changes": changes,
+        })
+
+    def _bench_headline(self, name: str) -> str | None:
+        result = read_bench(self.manager.config.server.state_dir, name)
+        headline = result.get("headline") if result else None
+        return headline if isinstance(headline, str) else None
+
+    async def store_bench(self, request: Request) -> Response:
+        """Keep a `llmctl bench` result with the profile, for `ls` (its `headline`) and the dashboard."""
+        name = self._model(request)
+        try:
+            result = await request.json()
+        except ValueError:
+            return _error(400, "the body must be a JSON object: the bench result")
+        if not isinstance(result, dict):
+            return _error(400, "the body must be a JSON object: the bench result")
+        missing = [key for key in ("headline", "measured_at", "engine", "rows") if key not in result]
+        if missing:
+            return _error(400, f"the bench result lacks {', '.join(missing)}; `llmctl bench` sends all of them")
+        if not isinstance(result["headline"], str) or not isinstance(result["rows"], list):
+            return _error(400, "the bench result's headline must be a string and its rows a list")
+        path = write_bench(self.manager.config.server.state_dir, name, result)
+        return JSONResponse({"model": name, "path": str(path)})
+
     async def gpus(self, request: Request) -> Response:
         return JSONResponse(self.manager.gpu_report())
 
@@ -136,7 +170,7 @@ class ManagementApi:
         return JSONResponse({"model": name, "unloaded": stopped})
 
     async def unload_all(self, request: Request) -> Response:
-        running = [row["model"] for row in self.manager.status() if row["state"] in ("ready", "starting")]
+        running = [row["model"] for row in self.manager.status() if row["state"] in ("ready", "starting", "sleeping")]
         await self.manager.stop_all()
         return JSONResponse({"unloaded": running})
 
@@ -181,6 +215,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def build_api_app(manager: Manager) -> Starlette:
+    from starlette.middleware import Middleware
+
+    from .dashboard import dashboard_routes
+    from .dashboard_auth import RefuseCrossSite
+
     api = ManagementApi(manager)
     routes = [
         Route("/v1/ps", api.ps, methods=["GET"]),
@@ -192,6 +231,12 @@ def build_api_app(manager: Manager) -> Starlette:
         Route("/v1/models/{name}/unload", api.unload, methods=["POST"]),
         Route("/v1/models/{name}/logs", api.logs, methods=["GET"]),
         Route("/v1/unload", api.unload_all, methods=["POST"]),
+        Route("/v1/models/{name}/bench", api.store_bench, methods=["POST"]),
+        Route("/v1/reload", api.reload, methods=["POST"]),
+        *manager.metrics.routes(),
     ]
+    if manager.config.dashboard.enabled:
+        routes += dashboard_routes(manager)
     handlers = {UnknownModelError: _unknown_model, HTTPException: _http_error}
-    return Starlette(routes=routes, exception_handlers=handlers)
+    # Browsers may reach this API (the dashboard): a POST forged by another site's page is refused.
+    return Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(RefuseCrossSite)])
