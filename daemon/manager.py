@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 import httpx
+import psutil
 
 from llmd.drivers.base import Driver, LaunchRequest, LaunchSpec, Placement, load_progress
 
@@ -26,12 +27,15 @@ from .config import DaemonConfig
 from .engines import resolve_command
 from .downloads import resolve_cached
 from .errors import EngineStartError, LlmdError, NoRoomError, UnknownModelError
+from .estimate import GPU_OVERHEAD_MIB
 from .ledger import PidLedger
+from .metrics import Metrics
 from .planner import Planner
 from .profiles import Profile, ProfileSet
 from .pull import fetch_model
-from .scheduler import NoFit, Plan, RunningModel
+from .scheduler import ModelNeed, NoFit, Plan, RunningModel, plan
 from .supervisor import EngineProcess, free_port, http_ok, process_tree, spawn_engine, tail_lines
+from .upstream import Pool
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +52,22 @@ HEALTH_TIMEOUT = 0.45
 HEALTH_FAILURES = 2
 # A busy engine may answer its probe slowly; it still must answer, or its requests would hang.
 BUSY_HEALTH_TIMEOUT = 5.0
+# Parking (sleep mode): host RAM kept free beyond what a parked engine holds; what a parked
+# engine is taken to keep per card when NVML cannot say (its CUDA context); and how long the
+# engine may take to go to sleep (waking is bounded by `[server] ready_timeout`).
+HOST_RAM_MARGIN_MIB = 2048
+PARKED_DEFAULT_MIB = GPU_OVERHEAD_MIB
+PARK_TIMEOUT = 120.0
 # Out of memory at load: halve the context and try again, down to this.
 MIN_CTX = 256
 _OOM_MARKERS = ("out of memory", "failed to allocate", "cudamalloc failed", "outofmemoryerror", "cannot allocate memory")
 
 
-def _engine_client(base_url: str) -> httpx.AsyncClient:
-    # Generation may take minutes: no read timeout. Keep-alive connections are reused.
-    return httpx.AsyncClient(
-        base_url=base_url,
-        timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        trust_env=False,
-    )
+def _engine_client(base_url: str) -> Pool:
+    # The proxy's hop to the engine, on the hot path: upstream.Pool rather than httpx (see
+    # docs/benchmarks.md). Generation may take minutes: it has no read timeout.
+    host, _, port = base_url.removeprefix("http://").rpartition(":")
+    return Pool(host, int(port))
 
 
 async def _close_client(inst: "Instance") -> None:
@@ -68,6 +75,19 @@ async def _close_client(inst: "Instance") -> None:
     if client is not None:
         with anyio.CancelScope(shield=True):
             await client.aclose()
+
+
+async def _post(port: int, path: str, timeout: float) -> str | None:
+    """POST to an engine's control route (sleep, wake); None on a 2xx, else what went wrong.
+    Not on the request path, so a one-off client is fine."""
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{ENGINE_HOST}:{port}", trust_env=False, timeout=timeout) as client:
+            response = await client.post(path)
+    except httpx.HTTPError as exc:
+        return f"POST {path} failed: {exc!r}"
+    if response.is_success:
+        return None
+    return f"POST {path} answered {response.status_code}: {response.text[:200]}"
 
 
 def backoff_seconds(failures: int) -> float:
@@ -84,6 +104,9 @@ class State(StrEnum):
     STOPPED = "stopped"
     STARTING = "starting"
     READY = "ready"
+    # Parked: the engine process lives on with its weights in host RAM and most of its GPU
+    # memory given back; the next request wakes it (see SleepControl).
+    SLEEPING = "sleeping"
     STOPPING = "stopping"
     FAILED = "failed"
 
@@ -123,7 +146,12 @@ class Instance:
     probe_now: anyio.Event = field(default_factory=anyio.Event)
     # Pooled keep-alive connections to this engine, for proxied requests; closed before the
     # engine is stopped, so it need not wait for idle clients and no stale connection is reused.
-    client: httpx.AsyncClient | None = None
+    client: Pool | None = None
+    # While parked: MiB per card the sleeping engine still holds. `settled` is cleared while
+    # the engine is going to sleep, so nothing wakes or stops it halfway.
+    parked: dict[int, int] | None = None
+    settled: anyio.Event = field(default_factory=anyio.Event)
+    wake_seconds: float | None = None
 
     @property
     def name(self) -> str:
@@ -134,19 +162,38 @@ class Instance:
         assert self.engine is not None
         return f"http://{ENGINE_HOST}:{self.engine.port}"
 
-    def as_running(self) -> RunningModel:
-        """This instance as the scheduler sees it. Only a ready model with nobody using or
-        awaiting it can be evicted; a starting or stopping one holds its claim."""
+    def claimed(self) -> dict[int, int]:
+        """MiB per card this instance holds now: less than its placement while parked."""
+        if self.state is State.SLEEPING and self.parked is not None:
+            return dict(self.parked)
         assert self.placement is not None
-        busy = self.in_flight + self.waiters if self.state is State.READY else 1
+        return {share.index: share.vram_mib for share in self.placement.gpus}
+
+    def parked_share(self) -> dict[int, int]:
+        """What this engine would keep per card once parked, before it has been measured."""
+        assert self.placement is not None
+        return {share.index: min(share.vram_mib, PARKED_DEFAULT_MIB) for share in self.placement.gpus}
+
+    def as_running(self, parkable: bool = False) -> RunningModel:
+        """This instance as the scheduler sees it. Only a ready model with nobody using or
+        awaiting it, or a parked one, can be evicted; a starting, stopping or falling-asleep one
+        holds its claim. `parkable`: eviction would park it rather than stop it."""
+        assert self.placement is not None
+        if self.state is State.READY:
+            busy = self.in_flight + self.waiters
+        elif self.state is State.SLEEPING and self.settled.is_set():
+            busy = 0
+        else:
+            busy = 1
         policy = self.profile.policy
         return RunningModel(
             name=self.name,
-            gpus={share.index: share.vram_mib for share in self.placement.gpus},
+            gpus=self.claimed(),
             in_flight=busy,
             pinned=policy.pinned,
             priority=policy.priority,
             last_used=self.last_used,
+            parked_gpus=self.parked_share() if parkable and self.state is State.READY else None,
         )
 
 
@@ -166,6 +213,7 @@ class Manager:
         self.instances: dict[str, Instance] = {}
         self.planner = Planner(config.gpus.simulate, config.server.state_dir, config.gpus.margin_mib)
         self.ledger = PidLedger(config.server.state_dir / "engines.json")
+        self.metrics = Metrics(config.metrics.enabled, models=self.status, gpus=self.gpu_report)
         self._tg: anyio.abc.TaskGroup | None = None
         # Set (and replaced) whenever room may have appeared: a model went idle, stopped or failed.
         self._changed = anyio.Event()
@@ -212,7 +260,7 @@ class Manager:
             new = profiles.profiles.get(name)
             running = inst.state in (State.READY, State.STARTING)
             if new is None:
-                if running:
+                if running or inst.state is State.SLEEPING:
                     self.run_job(self._unload_instance, inst, "its profile was removed or is invalid")
                     changes["stopped"].append(name)
                 continue
@@ -226,6 +274,9 @@ class Manager:
             if running:
                 self.run_job(self._restart, name)
                 changes["restarted"].append(name)
+            elif inst.state is State.SLEEPING:  # parked with the old settings: the next request starts it anew
+                self.run_job(self._unload_instance, inst, "its profile changed")
+                changes["stopped"].append(name)
         return changes
 
     async def _restart(self, name: str) -> None:
@@ -292,10 +343,15 @@ class Manager:
     async def start_loading(self, name: str, explicit: bool = False) -> Load | None:
         """Begin loading the model unless it is loading already; None if it is ready now."""
         inst = self.instance(name)
-        while inst.state is State.STOPPING:
-            await inst.stopped.wait()
+        while inst.state is State.STOPPING or (inst.state is State.SLEEPING and not inst.settled.is_set()):
+            if inst.state is State.STOPPING:
+                await inst.stopped.wait()
+            else:
+                await inst.settled.wait()
         if inst.state is State.READY:
             return None
+        if inst.state is State.SLEEPING:
+            self._begin_wake(inst)
         if inst.state is State.FAILED:
             if explicit:
                 inst.failures = 0
@@ -369,6 +425,7 @@ class Manager:
             inst.progress = ""
             inst.client = _engine_client(inst.base_url)
             log.info("%s ready in %.2fs", inst.name, inst.load_seconds)
+            self.metrics.load_finished(inst.name, inst.load_seconds, ok=True)
             self._learn_usage(inst, engine)
             assert self._tg is not None
             self._tg.start_soon(self._supervise, inst, engine)
@@ -441,15 +498,11 @@ class Manager:
         before any await, so concurrent loads never plan into the same memory."""
         deadline = time.monotonic() + self.config.server.queue_timeout
         while True:
-            result, _ = self.planner.place(profile, model_path, self._running_except(inst))
+            running = self._running_except(inst)
+            result, _ = self.planner.place(profile, model_path, running)
             if isinstance(result, Plan):
-                victims = [self.instances[name] for name in result.evict]
                 inst.placement = result.placement
-                for victim in victims:
-                    self._begin_stop(victim)
-                if victims:
-                    inst.progress = f"evicting {', '.join(v.name for v in victims)}"
-                    await self._evict(victims)
+                await self._make_room(inst, result, running)
                 return
             if not self._room_may_appear(inst):
                 raise LlmdError(f"{inst.name!r} cannot be placed: {result.reason}")
@@ -466,10 +519,37 @@ class Manager:
 
     def _running_except(self, inst: Instance) -> list[RunningModel]:
         return [
-            other.as_running()
+            other.as_running(parkable=self._can_park(other))
             for other in self.instances.values()
             if other is not inst and other.placement is not None
         ]
+
+    def _can_park(self, inst: Instance) -> bool:
+        """Whether evicting this model would park it: its engine can sleep, it is on GPUs,
+        and host RAM has room for the weights it keeps while asleep."""
+        sleep = inst.spec.sleep if inst.spec is not None else None
+        if inst.state is not State.READY or sleep is None or inst.placement is None or inst.placement.cpu_only:
+            return False
+        available_mib = psutil.virtual_memory().available // (1024 * 1024)
+        return available_mib - HOST_RAM_MARGIN_MIB >= sleep.host_ram_mib
+
+    async def _make_room(self, inst: Instance, result: Plan, running: list[RunningModel]) -> None:
+        """Evict what `result` names: park the victims the plan counted as parked, stop the rest.
+        Each victim changes state before the first await, so no request is routed to it."""
+        parks = {model.name for model in running if model.parked_gpus is not None}
+        to_park = [self.instances[name] for name in result.evict if name in parks]
+        to_stop = [self.instances[name] for name in result.evict if name not in parks]
+        for victim in to_park:
+            self._begin_park(victim)
+        for victim in to_stop:
+            self._begin_stop(victim)
+        if not result.evict:
+            return
+        inst.progress = f"evicting {', '.join(result.evict)}"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._evict, to_stop)
+            for victim in to_park:
+                tg.start_soon(self._park, victim)
 
     def _room_may_appear(self, inst: Instance) -> bool:
         """Whether waiting can help: some other model is busy, starting or stopping now."""
@@ -481,6 +561,9 @@ class Manager:
 
     async def _evict(self, victims: list[Instance]) -> None:
         """Stop the victims together, then wait until the GPUs show their memory released."""
+        if not victims:
+            return
+        started = time.monotonic()
         pids: set[int] = set()
         for victim in victims:
             if victim.engine is not None:
@@ -491,6 +574,7 @@ class Manager:
         if not await self.wait_released(pids):
             log.warning("GPU memory of evicted engines (pids %s) was not released after %.0fs",
                         sorted(pids), self.config.gpus.release_timeout)
+        self.metrics.evicted([victim.name for victim in victims], time.monotonic() - started)
 
     async def wait_released(self, pids: set[int]) -> bool:
         """Wait until the GPUs show no memory held by `pids` (a driver may free it after the
@@ -516,6 +600,8 @@ class Manager:
         if load.error is None:
             load.error = EngineStartError(f"{inst.name!r} did not start: {why}")
         log.warning("load of %s ended: %s", inst.name, load.error)
+        self.metrics.load_finished(inst.name, time.monotonic() - load.started, ok=False)
+        await _close_client(inst)  # set only when a parked engine failed to wake
         with anyio.CancelScope(shield=True):
             for engine in started:
                 await engine.stop(self.config.server.stop_grace)
@@ -591,11 +677,17 @@ class Manager:
 
             tg.start_soon(exited)
             tg.start_soon(self._probe_health, inst, engine, hung)
-        if inst.engine is not engine or inst.state is not State.READY:
-            return  # an ordinary stop
+        if inst.engine is not engine or inst.state not in (State.READY, State.SLEEPING):
+            return  # an ordinary stop, or a wake that will see the engine gone
         code = engine.returncode
         tail = "\n".join(engine.log_tail())
         what = hung[0] if hung else f"exited unexpectedly with code {code}"
+        if inst.state is State.SLEEPING:
+            # Nobody was using it: no restart, the next request starts it afresh.
+            log.warning("%s died while parked (%s)", inst.name, what)
+            self._begin_stop(inst)
+            await self._finish_stop(inst, "it died while parked")
+            return
         inst.state = State.STOPPING
         await _close_client(inst)
         with anyio.CancelScope(shield=True):
@@ -654,17 +746,22 @@ class Manager:
         if inst.state is State.STOPPING:
             await inst.stopped.wait()
             return True
-        if inst.state is not State.READY or inst.engine is None:
+        if inst.state is State.SLEEPING and not inst.settled.is_set():
+            await inst.settled.wait()  # let it finish falling asleep, then stop it
+            return await self._unload_instance(inst, reason)
+        if inst.state not in (State.READY, State.SLEEPING) or inst.engine is None:
             return False
         self._begin_stop(inst)
         await self._finish_stop(inst, reason)
         return True
 
     def _begin_stop(self, inst: Instance) -> None:
-        """Mark a ready model as stopping, synchronously, so no new request is routed to it."""
-        assert inst.state is State.READY
+        """Mark a ready (or parked) model as stopping, synchronously, so no new request is routed to it."""
+        assert inst.state in (State.READY, State.SLEEPING)
         inst.state = State.STOPPING
         inst.stopped = anyio.Event()
+        inst.parked = None
+        inst.settled.set()  # a wake waiting for a park to end sees STOPPING instead
 
     async def _finish_stop(self, inst: Instance, reason: str) -> None:
         engine = inst.engine
@@ -676,9 +773,123 @@ class Manager:
         log.info("%s stopped (exit code %s)", inst.name, code)
         self._clear(inst, State.STOPPED)
 
+    # ----- parking (sleep mode) -----
+
+    def _begin_park(self, inst: Instance) -> None:
+        """Mark a ready model as going to sleep, synchronously: requests for it wait for the
+        park to end, then wake it."""
+        assert inst.state is State.READY
+        inst.state = State.SLEEPING
+        inst.settled = anyio.Event()
+        inst.progress = "going to sleep"
+
+    async def _park(self, inst: Instance) -> None:
+        """Put the engine to sleep; its claim shrinks to what it still holds. If it will not
+        sleep, stop it: either way, its memory is given back."""
+        engine, spec = inst.engine, inst.spec
+        assert engine is not None and spec is not None and spec.sleep is not None
+        log.info("parking %s (pid %d): %s", inst.name, engine.pid, spec.sleep.sleep_path)
+        problem = await _post(engine.port, spec.sleep.sleep_path, PARK_TIMEOUT)
+        if inst.engine is not engine or inst.state is not State.SLEEPING:
+            return  # stopped or crashed meanwhile
+        if problem is not None:
+            log.warning("%s did not go to sleep (%s); stopping it instead", inst.name, problem)
+            self._begin_stop(inst)
+            await self._evict([inst])
+            return
+        inst.parked = self._kept_while_parked(inst, engine)
+        self.planner.claim(inst.name, engine.pid, inst.parked)
+        inst.progress = ""
+        inst.settled.set()
+        self.metrics.parked(inst.name)
+        log.info("%s is asleep, keeping %s MiB per GPU", inst.name, inst.parked)
+        self._notify_changed()
+
+    def _kept_while_parked(self, inst: Instance, engine: EngineProcess) -> dict[int, int]:
+        """MiB per card the sleeping engine still holds: measured through NVML where it can
+        say, else the size of a CUDA context."""
+        default = inst.parked_share()
+        if self.planner.simulated:
+            return default
+        measured = self.planner.usage_of(process_tree(engine.pid))
+        placed = self._placed(inst)
+        return {index: min(placed[index], measured[index]) if measured.get(index) else mib for index, mib in default.items()}
+
+    @staticmethod
+    def _placed(inst: Instance) -> dict[int, int]:
+        assert inst.placement is not None
+        return {share.index: share.vram_mib for share in inst.placement.gpus}
+
+    def _begin_wake(self, inst: Instance) -> None:
+        assert self._tg is not None, "manager is not running"
+        assert inst.state is State.SLEEPING
+        inst.state = State.STARTING  # holds its whole placement again from here on
+        inst.progress = "waking up"
+        inst.load = Load()
+        inst.stopped = anyio.Event()
+        self._tg.start_soon(self._wake, inst, inst.load)
+
+    async def _wake(self, inst: Instance, load: Load) -> None:
+        """Wake a parked engine on its own cards. If they cannot take it back now, or it does
+        not wake, stop it and start it afresh, wherever the scheduler finds room."""
+        engine, spec = inst.engine, inst.spec
+        assert engine is not None and spec is not None and spec.sleep is not None
+        problem: str | None = "it was unloaded"
+        try:
+            with load.scope:
+                problem = await self._room_to_wake(inst)
+                if problem is None:
+                    self.planner.claim(inst.name, engine.pid, self._placed(inst))
+                    problem = await _post(engine.port, spec.sleep.wake_path, self.config.server.ready_timeout)
+        except BaseException:  # the daemon is shutting down
+            with anyio.CancelScope(shield=True):
+                await self._abandon_load(inst, load, [engine], State.STOPPED, "llmd is shutting down")
+            raise
+        if load.scope.cancelled_caught:
+            await self._abandon_load(inst, load, [engine], State.STOPPED, "it was unloaded while waking")
+            return
+        if problem is None and inst.engine is engine:
+            inst.parked = None
+            inst.state = State.READY
+            inst.last_used = time.monotonic()
+            inst.wake_seconds = inst.last_used - load.started
+            inst.progress = ""
+            self.metrics.woke(inst.name, inst.wake_seconds)
+            log.info("%s woke up in %.2fs", inst.name, inst.wake_seconds)
+            load.done.set()
+            return
+        log.warning("%s could not wake (%s); starting it afresh", inst.name, problem)
+        inst.progress = "starting afresh"
+        await _close_client(inst)
+        with anyio.CancelScope(shield=True):
+            await engine.stop(self.config.server.stop_grace)
+        self._clear(inst, State.STARTING)
+        inst.parked = None
+        inst.stopped = anyio.Event()
+        await self._load(inst, load)
+
+    async def _room_to_wake(self, inst: Instance) -> str | None:
+        """Make room for the parked engine's memory on the cards it sleeps on, evicting idle
+        models there; None when done, else why there is no room."""
+        assert inst.placement is not None and inst.parked is not None
+        placed = self._placed(inst)
+        extra = max(placed[index] - inst.parked.get(index, 0) for index in placed)
+        width = len(placed)
+        need = ModelNeed.fixed(inst.name, extra * width, tensor_parallel=width, allowed_gpus=tuple(sorted(placed)))
+        # What it keeps while asleep stays taken, by a model that cannot be evicted for itself.
+        itself = RunningModel(f"{inst.name} (asleep)", dict(inst.parked), in_flight=1)
+        running = self._running_except(inst)
+        result = plan(need, self.planner.snapshot(), [*running, itself], self.planner.margin_mib)
+        if isinstance(result, NoFit):
+            return result.reason
+        await self._make_room(inst, result, running)
+        inst.progress = "waking up"
+        return None
+
     async def replace(self, name: str, old: str) -> None:
         """Swap `old` for `name`. When both fit, the new engine starts before the old one stops,
         so clients never find neither; otherwise the old one makes room first."""
+        started = time.monotonic()
         old_inst = self.instance(old)
         new_inst = self.instance(name)
         if old_inst is new_inst:
@@ -691,11 +902,12 @@ class Manager:
                 await self.unload(old, f"replaced by {name}")
         await self.ensure_ready(name)
         await self.unload(old, f"replaced by {name}")
+        self.metrics.swap_finished(name, time.monotonic() - started)
 
     async def stop_all(self) -> None:
         async with anyio.create_task_group() as tg:
             for name, inst in list(self.instances.items()):
-                if inst.state in (State.READY, State.STARTING, State.STOPPING):
+                if inst.state in (State.READY, State.STARTING, State.STOPPING, State.SLEEPING):
                     tg.start_soon(self._unload_instance, inst, "shutdown")
 
     async def _unload_idle_forever(self) -> None:
@@ -706,7 +918,8 @@ class Manager:
                 ttl = inst.profile.policy.ttl_seconds
                 if (
                     ttl is not None
-                    and inst.state is State.READY
+                    # A parked model past its TTL is stopped too, giving back its host RAM.
+                    and (inst.state is State.READY or (inst.state is State.SLEEPING and inst.settled.is_set()))
                     and inst.in_flight == 0
                     and now - inst.last_used >= ttl
                 ):
@@ -734,11 +947,15 @@ class Manager:
                     "in_flight": inst.in_flight,
                     "argv": engine.argv if engine else None,
                     "gpus": [share.index for share in placement.gpus] if placement else [],
-                    "vram_mib": placement.vram_mib if placement else 0,
+                    "vram_mib": sum(inst.claimed().values()) if placement else 0,
+                    # Parked engines keep their weights in host RAM instead.
+                    "host_ram_mib": inst.spec.sleep.host_ram_mib if inst.parked is not None and inst.spec and inst.spec.sleep else 0,
+                    "sleep_mode": bool(inst.spec is not None and inst.spec.sleep is not None),
                     "gpu_layers": placement.gpu_layers if placement else None,
                     "cpu_moe_layers": placement.cpu_moe_layers if placement else 0,
                     "placement": placement.reason if placement else None,
                     "load_s": round(inst.load_seconds, 3) if inst.load_seconds is not None and engine else None,
+                    "wake_s": round(inst.wake_seconds, 3) if inst.wake_seconds is not None and engine else None,
                     "progress": self.progress_of(inst) or None,
                     "error": inst.error,
                     "log": str(self._log_path(name)),
@@ -748,7 +965,7 @@ class Manager:
 
     def progress_of(self, inst: Instance) -> str:
         """What the model is doing now; while its engine loads, what the engine's log says of it."""
-        if inst.state is State.STARTING and inst.engine is not None:
+        if inst.state is State.STARTING and inst.engine is not None and inst.parked is None:
             driver = self.drivers.get(inst.profile.engine)
             for line in reversed(inst.engine.log_tail(5)) if driver is not None else ():
                 said = load_progress(driver, line)
@@ -784,8 +1001,8 @@ class Manager:
         for inst in self.instances.values():
             if inst.placement is None:
                 continue
-            for share in inst.placement.gpus:
-                claims.setdefault(share.index, []).append({"model": inst.name, "vram_mib": share.vram_mib, "state": inst.state.value})
+            for index, mib in inst.claimed().items():
+                claims.setdefault(index, []).append({"model": inst.name, "vram_mib": mib, "state": inst.state.value})
             if inst.engine is not None:
                 ours |= process_tree(inst.engine.pid)
         for gpu in self.planner.snapshot():
@@ -800,7 +1017,7 @@ class Manager:
 
     @staticmethod
     def _idle_seconds(inst: Instance, now: float) -> float | None:
-        if inst.state is not State.READY:
+        if inst.state not in (State.READY, State.SLEEPING):
             return None
         return 0.0 if inst.in_flight else round(now - inst.last_used, 1)
 

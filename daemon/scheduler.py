@@ -11,7 +11,8 @@ Room on a card is the smaller of two ledgers:
 - the live ledger: the free memory NVML reports, minus a safety margin. It catches every other
   program on the card (a desktop, a game, another user's job).
 
-Evicting a model gives back its claim in both ledgers.
+Evicting a model gives back its claim in both ledgers; evicting one that can be parked (an
+engine put to sleep, see `RunningModel.parked_gpus`) gives back its claim less what it keeps.
 
 The search, in order of preference:
 
@@ -139,10 +140,18 @@ class RunningModel:
     pinned: bool = False
     priority: int = 0
     last_used: float = 0.0
+    # What stays on each card when eviction parks this model (an engine asleep keeps its CUDA
+    # context) instead of stopping it; None: evicting it stops it and frees its whole claim.
+    parked_gpus: dict[int, int] | None = None
 
     @property
     def evictable(self) -> bool:
         return self.in_flight == 0 and not self.pinned
+
+    def frees(self, index: int) -> int:
+        """MiB that evicting this model gives back on card `index`."""
+        kept = self.parked_gpus.get(index, 0) if self.parked_gpus is not None else 0
+        return max(0, self.gpus.get(index, 0) - kept)
 
 
 @dataclass(frozen=True)
@@ -324,7 +333,7 @@ def _cards(need: ModelNeed, gpus: Sequence[GpuInfo], running: Sequence[RunningMo
         for index, mib in model.gpus.items():
             claims[index] = claims.get(index, 0) + mib
             if model.evictable:
-                evictable_claims[index] = evictable_claims.get(index, 0) + mib
+                evictable_claims[index] = evictable_claims.get(index, 0) + model.frees(index)
     allowed = set(need.allowed_gpus) if need.allowed_gpus is not None else None
     cards = []
     for gpu in sorted(gpus, key=lambda g: g.index):
@@ -469,20 +478,20 @@ def _evict_for(
         return ()
     chosen: list[RunningModel] = []
     for model in evictable:
-        if not any(deficit[i] > 0 and model.gpus.get(i, 0) > 0 for i in deficit):
+        if not any(deficit[i] > 0 and model.frees(i) > 0 for i in deficit):
             continue
         chosen.append(model)
         for i in deficit:
-            deficit[i] -= model.gpus.get(i, 0)
+            deficit[i] -= model.frees(i)
         if all(d <= 0 for d in deficit.values()):
             break
     else:
         return None
     for model in reversed(list(chosen)):
-        if all(deficit[i] + model.gpus.get(i, 0) <= 0 for i in deficit):
+        if all(deficit[i] + model.frees(i) <= 0 for i in deficit):
             chosen.remove(model)
             for i in deficit:
-                deficit[i] += model.gpus.get(i, 0)
+                deficit[i] += model.frees(i)
     return tuple(chosen)
 
 
@@ -492,7 +501,7 @@ def _eviction_key(evicted: Sequence[RunningModel]) -> tuple:
         len(evicted),
         max((m.priority for m in evicted), default=-math.inf),
         max((m.last_used for m in evicted), default=-math.inf),
-        sum(sum(m.gpus.values()) for m in evicted),
+        sum(m.frees(i) for m in evicted for i in m.gpus),
     )
 
 
@@ -557,8 +566,8 @@ def _make_plan(need: ModelNeed, shape: _Shape, group: Sequence[_Card], evicted: 
     shares = tuple(GpuShare(index=c.index, uuid=c.uuid, vram_mib=shape.per_card, total_mib=c.total) for c in group)
     where = "+".join(f"GPU{c.index}" for c in group)
     names = ", ".join(sorted({c.name for c in group}))
-    # Room as it will be once the evicted models have stopped.
-    room = min(c.room + sum(m.gpus.get(c.index, 0) for m in evicted) for c in group)
+    # Room as it will be once the evicted models have stopped (or been parked).
+    room = min(c.room + sum(m.frees(c.index) for m in evicted) for c in group)
     parts = []
     if shape.width == 1:
         parts.append(f"on {where} ({names}): {shape.per_card} MiB of {room} MiB free")

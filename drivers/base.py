@@ -105,12 +105,29 @@ class Readiness:
 
 
 @dataclass(frozen=True)
+class SleepControl:
+    """How to park an engine instead of stopping it, for a fast swap (vLLM's sleep mode).
+
+    A POST to `sleep_path` frees most of the engine's GPU memory and keeps its weights in host
+    RAM; a POST to `wake_path` puts them back, in a fraction of a cold start. Both answer 200
+    once done. llmd parks an engine on eviction when host RAM has room for `host_ram_mib`.
+    """
+
+    sleep_path: str = "/sleep?level=1"
+    wake_path: str = "/wake_up"
+    # Host memory the parked engine holds (its weights): what must be free before parking.
+    host_ram_mib: int = 0
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """The exact process to start. argv is never passed through a shell."""
 
     argv: list[str]
     env: dict[str, str]
     readiness: Readiness = Readiness()
+    # Set when the engine can be parked (see SleepControl); None: eviction stops it.
+    sleep: SleepControl | None = None
 
 
 class Driver(Protocol):

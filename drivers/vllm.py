@@ -25,7 +25,8 @@ Other vLLM settings go in the profile's `launch.extra_args`, verbatim, for examp
 
 Sleep mode (`POST /sleep`, `POST /wake_up`) is started when `launch.extra_args` holds
 `--enable-sleep-mode` or the profile's or engine's env sets `LLMD_VLLM_SLEEP_MODE=1`; the driver
-then also sets `VLLM_SERVER_DEV_MODE=1`, which exposes those endpoints. vLLM supports sleep mode
+then also sets `VLLM_SERVER_DEV_MODE=1`, which exposes those endpoints, and returns a
+`SleepControl` so that llmd parks the engine on eviction instead of stopping it. vLLM supports sleep mode
 on GPUs only, so on a CPU placement the flag is left out (and a warning logged) rather than
 letting the engine refuse to start.
 """
@@ -36,7 +37,7 @@ import logging
 import math
 import re
 
-from .base import LaunchRequest, LaunchSpec, Placement, Readiness, cache_type_args, planned_estimate
+from .base import LaunchRequest, LaunchSpec, Placement, Readiness, SleepControl, cache_type_args, planned_estimate
 from .hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class VllmDriver:
                     resources += ["--cpu-offload-gb", f"{offload:g}"]
 
         extra = list(launch.extra_args)
+        sleep: SleepControl | None = None
         if sleep_mode_requested(request):
             if placement.cpu_only:
                 log.warning("%s: vLLM's sleep mode needs a GPU; starting without it on the CPU", profile.name)
@@ -151,6 +153,10 @@ class VllmDriver:
                 if SLEEP_MODE_FLAG not in extra:
                     extra.append(SLEEP_MODE_FLAG)
                 env[DEV_MODE_ENV] = "1"
+                # Level 1 moves the weights to host RAM and drops the KV cache; waking copies
+                # the weights back, without reading the model from disk again.
+                weights = estimate.weights_bytes if estimate is not None else 0
+                sleep = SleepControl("/sleep?level=1", "/wake_up", math.ceil(weights / MIB))
 
         argv = [
             *request.command,
@@ -165,7 +171,7 @@ class VllmDriver:
             *resources,
             *extra,
         ]
-        return LaunchSpec(argv=argv, env=env, readiness=Readiness(path="/health"))
+        return LaunchSpec(argv=argv, env=env, readiness=Readiness(path="/health"), sleep=sleep)
 
     def load_progress(self, log_line: str) -> str | None:
         """A loading phase from vLLM's log ("loading weights 50%", "compiling the model", ...)."""

@@ -183,9 +183,13 @@ def test_vllm_cpu_kv_space_and_sleep_mode(models: dict[str, Path]) -> None:
     assert cpu.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     # vLLM has no sleep mode on the CPU: starting with the flag would fail, so it is left out.
     assert "--enable-sleep-mode" not in cpu.argv and "VLLM_SERVER_DEV_MODE" not in cpu.env
+    assert cpu.sleep is None  # so eviction stops it rather than asking it to sleep
 
     gpu = driver.launch(_request("vllm", PLACEMENTS["gpu"], models["hf"], extra_args=["--enable-sleep-mode"]))
     assert gpu.argv.count("--enable-sleep-mode") == 1 and gpu.env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert gpu.sleep is not None and gpu.sleep.sleep_path == "/sleep?level=1" and gpu.sleep.wake_path == "/wake_up"
+    assert gpu.sleep.host_ram_mib > 0  # the weights it keeps in host RAM while parked
+    assert driver.launch(_request("vllm", PLACEMENTS["gpu"], models["hf"], extra_args=[])).sleep is None
     request = _request("vllm", PLACEMENTS["gpu"], models["hf"], extra_args=[])
     request.profile.launch.env["LLMD_VLLM_SLEEP_MODE"] = "1"
     by_env = driver.launch(request)

@@ -235,6 +235,21 @@ def test_never_evicts_busy_or_pinned() -> None:
     assert "11500 MiB on one card" in result.reason
 
 
+def test_parking_a_model_frees_its_claim_less_what_it_keeps() -> None:
+    gpus = [gpu(0, 24000)]
+    other = run("other", {0: 12000}, last_used=2.0)
+    # Room 0; need 11500. Parked, "sleepy" keeps 1000 of its 12000: the 11000 it gives back is
+    # too little, so the newer model is stopped instead, though "sleepy" is less recently used.
+    sleepy = RunningModel("sleepy", {0: 12000}, last_used=1.0, parked_gpus={0: 1000})
+    assert placed(plan(need(), gpus, [sleepy, other], margin_mib=0)).evict == ("other",)
+    # When it keeps little enough, parking the least recently used one makes the room.
+    sleepy = RunningModel("sleepy", {0: 12000}, last_used=1.0, parked_gpus={0: 300})
+    result = placed(plan(need(), gpus, [sleepy, other], margin_mib=0))
+    assert result.evict == ("sleepy",)
+    assert "11500 MiB of 11700 MiB free" in result.reason
+    assert sleepy.frees(0) == 11700 and sleepy.frees(1) == 0
+
+
 def test_eviction_set_is_pruned_to_what_is_needed() -> None:
     gpus = [gpu(0, 24000)]
     running = [run("small", {0: 1000}, last_used=1.0), run("big", {0: 13000}, last_used=2.0)]
