@@ -7,6 +7,7 @@ vLLM fork workers that would otherwise outlive their parent and keep holding mem
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import logging
@@ -22,6 +23,7 @@ import anyio
 
 from llmd.drivers.base import LaunchSpec
 
+from . import loopback
 from .errors import EngineStartError
 
 log = logging.getLogger(__name__)
@@ -69,14 +71,20 @@ async def http_ok(port: int, path: str, timeout: float) -> bool:
     enough to run every half second per engine.
     """
     request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    # Plain socket calls on the event loop: this runs every second per engine while the daemon
+    # is idle, and every 10 ms while one loads.
+    loop = asyncio.get_running_loop()
+    head = b""
     try:
         with anyio.fail_after(timeout):
-            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-                await stream.send(request)
-                head = b""
+            with await loopback.connect("127.0.0.1", port) as sock:
+                await loop.sock_sendall(sock, request)
                 while b"\r\n" not in head and len(head) < 256:
-                    head += await stream.receive(256)
-    except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError):
+                    data = await loop.sock_recv(sock, 256)
+                    if not data:
+                        return False
+                    head += data
+    except (OSError, TimeoutError):
         return False
     status = head.split(b"\r\n", 1)[0].split(b" ")
     return len(status) >= 2 and status[1] == b"200"

@@ -30,6 +30,8 @@ from typing import cast
 
 import httptools
 
+from . import loopback
+
 CONNECT_TIMEOUT = 10.0
 # Response bytes buffered for a slow consumer before reading from the engine pauses; the
 # engine then feels the client's back-pressure through TCP, as it would talking to it directly.
@@ -359,7 +361,12 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                transport, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
+                sock = await loopback.connect(self.host, self.port)
+                try:
+                    transport, conn = await loop.create_connection(lambda: _Connection(self), sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
         except (OSError, TimeoutError) as exc:
             raise UpstreamError(f"cannot connect to the engine at {self.host}:{self.port}: {exc!r}") from None
         # uvloop may return before it calls connection_made.
