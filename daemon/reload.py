@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 # Settings bound at startup: a change to them is reported, and takes effect at the next start.
 _NEEDS_RESTART = ("listen", "socket", "state_dir", "management_listen")
+# Whole sections read once, when the listeners' apps are built.
+_SECTIONS_NEEDING_RESTART = ("metrics", "dashboard")
 
 
 def reload_profiles(manager: Manager, config: DaemonConfig) -> tuple[ProfileSet, dict[str, list[str]]]:
@@ -46,6 +48,10 @@ def reload_now(manager: Manager, config_path: Path | None) -> None:
         if getattr(config.server, key, None) != getattr(manager.config.server, key, None):
             log.warning("[server] %s changed: it takes effect when llmd restarts", key)
             setattr(config.server, key, getattr(manager.config.server, key, None))
+    for section in _SECTIONS_NEEDING_RESTART:
+        if getattr(config, section) != getattr(manager.config, section):
+            log.warning("[%s] changed: it takes effect when llmd restarts", section)
+            setattr(config, section, getattr(manager.config, section))
     profiles, _ = reload_profiles(manager, config)
     notify("READY=1", f"STATUS=reloaded: {len(profiles.profiles)} profiles")
 

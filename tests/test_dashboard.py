@@ -215,10 +215,10 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-def _chat_with_engine(port: int) -> None:
-    """A request straight to the engine: something for it to write to its log."""
+def _chat(daemon) -> None:  # type: ignore[no-untyped-def]
+    """A request through the proxy: something for the engine to write to its log."""
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    assert httpx.post(daemon.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
 
 
 @pytest.mark.engine
@@ -280,7 +280,7 @@ def test_the_dashboard_in_chromium(make_daemon, tiny_gguf: Path, tmp_path: Path,
     expect(page.locator("#log-model")).to_have_text("tiny")
     expect(page.locator("#log-text")).to_contain_text(f"listening on http://127.0.0.1:{row['port']}")
     expect(page.locator("#log-text")).not_to_contain_text("launch_slot_")
-    _chat_with_engine(row["port"])
+    _chat(daemon)
     expect(page.locator("#log-text")).to_contain_text("launch_slot_", timeout=10_000)
 
     tiny.locator('button[data-action="unload"]').click()

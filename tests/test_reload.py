@@ -58,3 +58,14 @@ def test_sighup_with_a_broken_config_keeps_serving(make_daemon, tiny_gguf: Path)
     assert _pids(daemon)["a"] == pid
     assert httpx.post(daemon.url + "/v1/chat/completions",
                       json={"model": "a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).status_code == 200
+
+
+def test_sighup_reports_settings_that_need_a_restart_and_keeps_them(make_daemon, tiny_gguf: Path) -> None:
+    daemon = make_daemon({"a": tiny_profile(tiny_gguf)})
+    config = daemon.root / "llmd.toml"
+    config.write_text(config.read_text() + "\n[metrics]\nenabled = false\n")
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "[metrics] changed: it takes effect when llmd restarts" in daemon.log(), what="the warning")
+    # Still served until the restart, as the warning says.
+    assert httpx.get(daemon.url + "/metrics", timeout=10).status_code == 200
