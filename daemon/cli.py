@@ -140,7 +140,7 @@ def ps(ctx: click.Context, as_json: bool) -> None:
         echo_json(models)
         return
     rows = [
-        [m["model"], m["engine"], m["state"], _dash(m["pid"]), _dash(m["port"]), _where(m),
+        [m["model"], m["engine"], _state(m), _dash(m["pid"]), _dash(m["port"]), _where(m),
          format_mib(m["vram_mib"]) if m["vram_mib"] else "-", format_duration(m["uptime_s"]),
          format_duration(m["idle_s"]), str(m["in_flight"])]
         for m in models
@@ -149,6 +149,13 @@ def ps(ctx: click.Context, as_json: bool) -> None:
     for m in models:
         if m["state"] == "failed" and m["error"]:
             click.echo(f"\n{m['model']} failed: {m['error']}", err=True)
+
+
+def _state(row: dict[str, Any]) -> str:
+    """The state; for a parked engine, with the host RAM its weights hold meanwhile."""
+    if row["state"] == "sleeping" and row.get("host_ram_mib"):
+        return f"sleeping ({format_mib(row['host_ram_mib'])} RAM)"
+    return str(row["state"])
 
 
 def _where(row: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import engine_processes, tiny_profile, wait_until
 from llmd.daemon.manager import PARKED_DEFAULT_MIB
+from llmd.daemon.units import format_mib
 
 FAKE_VLLM = Path(__file__).with_name("fake_vllm.py")
 CARD_MIB = 2000
@@ -85,7 +86,7 @@ def test_eviction_parks_the_engine_and_a_request_wakes_it(daemon) -> None:  # ty
     assert sleepy["vram_mib"] == PARKED_DEFAULT_MIB
     assert sleepy["host_ram_mib"] > 0
     ps_text = daemon.llmctl("ps").stdout
-    assert "sleeping" in ps_text
+    assert f"sleeping ({format_mib(sleepy['host_ram_mib'])} RAM)" in ps_text
     card = json.loads(daemon.llmctl("gpus", "--json").stdout)["gpus"][0]
     claims = {m["model"]: (m["vram_mib"], m["state"]) for m in card["models"]}
     assert claims == {"sleepy": (PARKED_DEFAULT_MIB, "sleeping"), "other": (MODEL_MIB, "ready")}
