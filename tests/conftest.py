@@ -98,6 +98,19 @@ def slow_llama(tmp_path: Path, llama_server_bin: Path) -> Path:
     return wrapper
 
 
+def write_client_config(root: Path, socket_path: Path, profiles: Path) -> Path:
+    """An llmd.toml for llmctl alone: where the socket is, and the profile dir it reads when no
+    daemon answers there."""
+    config = root / "llmd.toml"
+    config.write_text(textwrap.dedent(f"""\
+        [server]
+        socket = "{socket_path}"
+        state_dir = "{root / 'state'}"
+        profile_dirs = ["{profiles}"]
+        """))
+    return config
+
+
 def engine_processes(state_dir: Path) -> list[psutil.Process]:
     """Live engine processes (and their children) started by the daemon owning `state_dir`."""
     found = []

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, tiny_profile
+from conftest import BIN, tiny_profile, write_client_config
 
 COMPLETION_REQUEST = {
     # shell: (mode, COMP_WORDS, COMP_CWORD) for completing `llmctl load ti`
@@ -45,17 +45,6 @@ def complete(shell: str, env: dict[str, str], words: str | None = None) -> list[
     return [line.split(",", 1)[1].split("\t")[0] for line in out.splitlines() if line.startswith("plain,")]
 
 
-def _config(root: Path, socket_path: Path, profiles: Path) -> Path:
-    config = root / "llmd.toml"
-    config.write_text(textwrap.dedent(f"""\
-        [server]
-        socket = "{socket_path}"
-        state_dir = "{root / 'state'}"
-        profile_dirs = ["{profiles}"]
-        """))
-    return config
-
-
 @pytest.fixture
 def files_only(tmp_path: Path, tiny_gguf: Path) -> dict[str, str]:
     """Environment for llmctl with profiles on disk and no daemon behind the socket."""
@@ -63,7 +52,7 @@ def files_only(tmp_path: Path, tiny_gguf: Path) -> dict[str, str]:
     profiles.mkdir()
     (profiles / "tiny.toml").write_text(textwrap.dedent(tiny_profile(tiny_gguf, aliases=["tiny-alias"])))
     (profiles / "other.toml").write_text(textwrap.dedent(tiny_profile(tiny_gguf)))
-    config = _config(tmp_path, tmp_path / "absent.sock", profiles)
+    config = write_client_config(tmp_path, tmp_path / "absent.sock", profiles)
     return {"LLMD_CONFIG": str(config)}
 
 
@@ -109,7 +98,7 @@ def test_names_complete_from_the_running_daemon(shell: str, make_daemon, tiny_gg
     # The config llmctl reads names no profile dir: the names can only come from the daemon.
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = {"LLMD_SOCKET": str(daemon.socket), "LLMD_CONFIG": str(_config(tmp_path, daemon.socket, empty))}
+    env = {"LLMD_SOCKET": str(daemon.socket), "LLMD_CONFIG": str(write_client_config(tmp_path, daemon.socket, empty))}
     assert complete(shell, env) == ["tiger", "tiny-cat"]
     assert complete(shell, env, "llmctl plan l") == ["lion"]
     assert complete(shell, env, "llmctl load --replace ti") == ["tiger", "tiny-cat"]

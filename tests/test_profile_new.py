@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import textwrap
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BIN
+from conftest import BIN, write_client_config
 from hub_standin import HubStandin
 from llmd.daemon.profile_writer import HubFile, choose_gguf, quant_of
 from llmd.daemon.profiles import load_profile
@@ -32,13 +31,7 @@ def offline(tmp_path: Path) -> dict[str, Path]:
     """A config with one profile dir and a socket nobody listens on: llmctl works on the files alone."""
     root = tmp_path / "offline"
     (root / "profiles").mkdir(parents=True)
-    config = root / "llmd.toml"
-    config.write_text(textwrap.dedent(f"""\
-        [server]
-        socket = "{root / 'nobody.sock'}"
-        state_dir = "{root / 'state'}"
-        profile_dirs = ["{root / 'profiles'}"]
-        """))
+    config = write_client_config(root, root / "nobody.sock", root / "profiles")
     return {"config": config, "profiles": root / "profiles"}
 
 
