@@ -3,15 +3,18 @@ requests forged by other sites.
 
 A browser cannot attach `Authorization: Bearer TOKEN` to a page it navigates to, so the
 dashboard's login page trades the management token for an HttpOnly, SameSite=Strict cookie
-holding it. Cookies are sent by the browser on its own, which is what cross-site request forgery
+holding a value derived from it (an HMAC keyed by the token): the browser never stores the token
+itself, and the cookie cannot be replayed as a Bearer token against the management API. Cookies are sent by the browser on its own, which is what cross-site request forgery
 abuses: a state-changing request that a browser makes must therefore come from a page of this
 server (its `Origin` matches the `Host` it was sent to).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Callable
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, RedirectResponse
@@ -19,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .proxy import BearerAuth
 
-COOKIE = "llmd_management_token"
+COOKIE = "llmd_session"
 # A login lasts this long in the browser; logging out, or changing the token, ends it sooner.
 COOKIE_MAX_AGE = 30 * 24 * 3600
 LOGIN_PATH = "/dashboard/login"
@@ -34,10 +37,15 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 TokenCheck = Callable[[bytes], bool]
 
 
+def session_value(token: str) -> str:
+    """What the login cookie holds for `token`: hex, so any token fits in a cookie; changing the
+    token ends every login."""
+    return hmac.new(token.encode(), b"llmd dashboard session", hashlib.sha256).hexdigest()
+
+
 def login_cookie(token: str, secure: bool) -> str:
-    """The Set-Cookie value that logs a browser in. The token is percent-encoded because it may
-    hold characters (`;`, `,`, `"`) that a cookie value cannot."""
-    attributes = [f"{COOKIE}={quote(token, safe='')}", "Path=/", f"Max-Age={COOKIE_MAX_AGE}", "HttpOnly", "SameSite=Strict"]
+    """The Set-Cookie value that logs a browser in with `token`."""
+    attributes = [f"{COOKIE}={session_value(token)}", "Path=/", f"Max-Age={COOKIE_MAX_AGE}", "HttpOnly", "SameSite=Strict"]
     if secure:
         attributes.append("Secure")
     return "; ".join(attributes)
@@ -47,13 +55,13 @@ def logout_cookie() -> str:
     return f"{COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
 
 
-def cookie_token(headers: Headers) -> bytes | None:
-    """The token in the login cookie, or None without one."""
+def cookie_session(headers: Headers) -> str | None:
+    """The value of the login cookie, or None without one."""
     for header in headers.getlist("cookie"):
         for pair in header.split(";"):
             name, sep, value = pair.strip().partition("=")
             if sep and name == COOKIE and value:
-                return unquote(value).encode()
+                return value
     return None
 
 
@@ -101,8 +109,12 @@ class DashboardAuth:
     """ASGI middleware around the management API's BearerAuth: also admits the dashboard's login
     cookie, lets anyone reach the login page, and sends a browser without a login there."""
 
-    def __init__(self, bearer: BearerAuth) -> None:
+    def __init__(self, bearer: BearerAuth, token: str) -> None:
         self.bearer = bearer
+        self._session = session_value(token).encode()
+
+    def _valid_session(self, value: str) -> bool:
+        return hmac.compare_digest(value.encode(), self._session)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
@@ -115,8 +127,8 @@ class DashboardAuth:
         if path == LOGIN_PATH or path.startswith(_PUBLIC[1]):
             await self.bearer.app(inner, receive, send)
             return
-        token = cookie_token(headers)
-        if token is not None and self.bearer.matches(token):
+        token = cookie_session(headers)
+        if token is not None and self._valid_session(token):
             if scope["method"] not in _SAFE_METHODS:
                 problem = cross_site_problem(headers, origin_required=True)
                 if problem is not None:

@@ -95,16 +95,17 @@ def _management_over_tcp(manager: Manager, server: ServerConfig) -> tuple[_Serve
     except ConfigError as exc:
         # bind_tcp's messages name [server] listen; this address comes from management_listen.
         raise ConfigError(str(exc).replace("[server] listen", "[server] management_listen", 1)) from None
+    token = server.management_token.get_secret_value()
     bearer = BearerAuth(
         build_api_app(manager),
-        [server.management_token.get_secret_value()],
+        [token],
         credential="the [server] management_token",
         reject=lambda message: JSONResponse({"error": message}, status_code=401),
     )
     from .dashboard_auth import DashboardAuth
 
     # A browser cannot send the Bearer header: the dashboard's login trades the token for a cookie.
-    app: ASGIApp = DashboardAuth(bearer) if manager.config.dashboard.enabled else bearer
+    app: ASGIApp = DashboardAuth(bearer, token) if manager.config.dashboard.enabled else bearer
     return _server(app, API_SHUTDOWN_GRACE), sock
 
 

@@ -17,7 +17,7 @@ from starlette.datastructures import Headers
 from conftest import REQUIRE_ENGINES, engine_processes, wait_until
 from llmd.daemon.bench_store import write_bench
 from llmd.daemon.dashboard import gpu_views
-from llmd.daemon.dashboard_auth import COOKIE, cookie_token, cross_site_problem, login_cookie
+from llmd.daemon.dashboard_auth import COOKIE, cookie_session, cross_site_problem, login_cookie, session_value
 from llmd.daemon.supervisor import free_port
 from llmd.daemon.units import format_mib
 from support import daemon_with_server_settings
@@ -33,15 +33,17 @@ CARD_MIB = 2000
 # ----- pure parts -----
 
 
-def test_the_cookie_carries_any_token_the_config_allows() -> None:
+def test_the_cookie_carries_a_session_derived_from_any_token_the_config_allows() -> None:
     token = 'a;b,c"d=e%f\\g'  # printable ASCII, but not cookie-safe as is
     set_cookie = login_cookie(token, secure=False)
     value = set_cookie.split(";")[0]
     assert value.startswith(f"{COOKIE}=") and all(c not in value.partition("=")[2] for c in ';,"\\ ')
-    assert cookie_token(Headers({"cookie": f"other=1; {value}; more=2"})) == token.encode()
+    session = cookie_session(Headers({"cookie": f"other=1; {value}; more=2"}))
+    assert session == session_value(token) and token not in value
+    assert session_value(token + "x") != session  # a new token ends every login
     assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie and "Secure" not in set_cookie
     assert "Secure" in login_cookie(token, secure=True)
-    assert cookie_token(Headers({"cookie": "other=1"})) is None
+    assert cookie_session(Headers({"cookie": "other=1"})) is None
 
 
 @pytest.mark.parametrize(
@@ -123,6 +125,10 @@ def test_login_cookie_and_cross_site_rules(make_daemon, tiny_gguf: Path) -> None
         assert signed_in.status_code == 303 and signed_in.headers["location"] == "/dashboard"
         attributes = {part.strip().split("=")[0] for part in signed_in.headers["set-cookie"].split(";")}
         assert {COOKIE, "HttpOnly", "SameSite", "Path"} <= attributes and "SameSite=Strict" in signed_in.headers["set-cookie"]
+        # The browser keeps a session value, not the token, and that value is no Bearer token.
+        session = client.cookies[COOKIE]
+        assert TOKEN not in signed_in.headers["set-cookie"] and session == session_value(TOKEN)
+        assert httpx.get(url + "/v1/ps", headers={"authorization": f"Bearer {session}"}).status_code == 401
 
         # The cookie opens the page and the management API...
         dashboard = client.get("/dashboard", headers=page)
@@ -252,7 +258,7 @@ def test_the_dashboard_in_chromium(make_daemon, tiny_gguf: Path, tmp_path: Path,
     page.click("#login-submit")
     expect(page).to_have_url(url + "/dashboard")
     (cookie,) = context.cookies()
-    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] != TOKEN
     expect(page.locator(".gpu")).to_have_count(2)
     expect(page.locator(".gpu").first).to_contain_text("SimCard")
     expect(page.locator(".segment")).to_have_count(0)
