@@ -841,6 +841,9 @@ class Manager:
                 if problem is None:
                     self.planner.claim(inst.name, engine.pid, self._placed(inst))
                     problem = await _post(engine.port, spec.sleep.wake_path, self.config.server.ready_timeout)
+        except Exception as exc:  # a bug here must not take the daemon down: start it afresh instead
+            log.exception("waking %s failed", inst.name)
+            problem = f"waking it failed: {exc!r}"
         except BaseException:  # the daemon is shutting down
             with anyio.CancelScope(shield=True):
                 await self._abandon_load(inst, load, [engine], State.STOPPED, "llmd is shutting down")

@@ -6,7 +6,8 @@ serves /health, /v1/models, /v1/chat/completions, POST /sleep?level=1, POST /wak
 GET /is_sleeping the way vLLM does with VLLM_SERVER_DEV_MODE=1. A chat sent while asleep fails,
 as it would on vLLM, so a test sees whether llmd woke the engine before forwarding.
 
-$FAKE_SLEEP_FAILS=1 makes /sleep answer 500; $FAKE_WAKE_SECONDS delays /wake_up.
+$FAKE_SLEEP_FAILS=1 makes /sleep answer 500, $FAKE_WAKE_FAILS=1 /wake_up; $FAKE_WAKE_SECONDS
+delays /wake_up.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def main() -> None:
                 self._reply(200, {})
             elif url.path == "/wake_up" and sleep_routes:
                 time.sleep(float(os.environ.get("FAKE_WAKE_SECONDS", "0")))
+                if os.environ.get("FAKE_WAKE_FAILS") == "1":
+                    self._reply(500, {"error": "cannot wake"})
+                    return
                 with lock:
                     state["sleeping"] = False
                 self._reply(200, {})

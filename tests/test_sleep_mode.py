@@ -136,6 +136,24 @@ def test_an_engine_that_will_not_sleep_is_stopped_instead(daemon) -> None:  # ty
     assert "did not go to sleep" in daemon.log()
 
 
+@pytest.mark.engine
+@pytest.mark.parametrize("daemon", [{"FAKE_WAKE_FAILS": "1"}], indirect=True)
+def test_an_engine_that_will_not_wake_is_started_afresh(daemon) -> None:  # type: ignore[no-untyped-def]
+    assert _chat(daemon, "sleepy").status_code == 200
+    pid = _rows(daemon)["sleepy"]["pid"]
+    assert _chat(daemon, "other").status_code == 200
+    assert _rows(daemon)["sleepy"]["state"] == "sleeping"
+
+    again = _chat(daemon, "sleepy")
+    assert again.status_code == 200, again.text
+    rows = _rows(daemon)
+    assert rows["sleepy"]["state"] == "ready" and rows["sleepy"]["pid"] != pid
+    assert again.json()["choices"][0]["message"]["content"] == f"pid {rows['sleepy']['pid']}"
+    assert not psutil.pid_exists(pid)
+    assert rows["other"]["state"] == "stopped"  # the fresh start needed the card
+    assert "sleepy could not wake" in daemon.log()
+
+
 # ----- when parking is allowed (no engine needed) -----
 
 
