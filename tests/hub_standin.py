@@ -286,14 +286,22 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return repo
 
-    def _resolve(self, name: str, revision: str, path: str, body: bool) -> None:
+    def _repo_at(self, name: str, revision: str) -> tuple[HubRepo, str] | None:
+        """The repo and the commit `revision` names, or None after answering the Hub's error."""
         repo = self._repo(name)
         if repo is None:
-            return
+            return None
         commit = repo.commit_for(revision)
         if commit is None:
             self._reply(404, b"", {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"})
+            return None
+        return repo, commit
+
+    def _resolve(self, name: str, revision: str, path: str, body: bool) -> None:
+        found = self._repo_at(name, revision)
+        if found is None:
             return
+        repo, commit = found
         hub_file = repo.commits[commit].get(path)
         if hub_file is None:
             self._reply(404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit,
@@ -326,13 +334,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(status, content[start:end], headers, cut=cut)
 
     def _api(self, name: str, kind: str | None, revision: str) -> None:
-        repo = self._repo(name)
-        if repo is None:
+        found = self._repo_at(name, revision)
+        if found is None:
             return
-        commit = repo.commit_for(revision)
-        if commit is None:
-            self._reply(404, b"", {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"})
-            return
+        repo, commit = found
         files = repo.commits[commit]
         if kind == "tree":
             entries: list[dict[str, object]] = []

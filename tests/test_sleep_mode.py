@@ -66,6 +66,14 @@ def _is_sleeping(row: dict) -> bool:
     return httpx.get(f"http://127.0.0.1:{row['port']}/is_sleeping", timeout=5).json()["is_sleeping"]
 
 
+def _serve_sleepy_then_other(daemon) -> int:  # type: ignore[no-untyped-def]
+    """Answer a chat from "sleepy", then one from "other", which evicts it; sleepy's engine pid."""
+    assert _chat(daemon, "sleepy").status_code == 200
+    pid: int = _rows(daemon)["sleepy"]["pid"]
+    assert _chat(daemon, "other").status_code == 200
+    return pid
+
+
 @pytest.mark.engine
 def test_eviction_parks_the_engine_and_a_request_wakes_it(daemon) -> None:  # type: ignore[no-untyped-def]
     first = _chat(daemon, "sleepy")
@@ -113,9 +121,7 @@ def test_eviction_parks_the_engine_and_a_request_wakes_it(daemon) -> None:  # ty
 
 @pytest.mark.engine
 def test_unloading_a_parked_model_stops_its_engine(daemon) -> None:  # type: ignore[no-untyped-def]
-    assert _chat(daemon, "sleepy").status_code == 200
-    pid = _rows(daemon)["sleepy"]["pid"]
-    assert _chat(daemon, "other").status_code == 200
+    pid = _serve_sleepy_then_other(daemon)
     assert _rows(daemon)["sleepy"]["state"] == "sleeping"
 
     daemon.llmctl("unload", "sleepy")
@@ -127,9 +133,7 @@ def test_unloading_a_parked_model_stops_its_engine(daemon) -> None:  # type: ign
 @pytest.mark.engine
 @pytest.mark.parametrize("daemon", [{"FAKE_SLEEP_FAILS": "1"}], indirect=True)
 def test_an_engine_that_will_not_sleep_is_stopped_instead(daemon) -> None:  # type: ignore[no-untyped-def]
-    assert _chat(daemon, "sleepy").status_code == 200
-    pid = _rows(daemon)["sleepy"]["pid"]
-    assert _chat(daemon, "other").status_code == 200
+    pid = _serve_sleepy_then_other(daemon)
     rows = _rows(daemon)
     assert rows["sleepy"]["state"] == "stopped" and rows["other"]["state"] == "ready"
     assert not psutil.pid_exists(pid)
@@ -139,9 +143,7 @@ def test_an_engine_that_will_not_sleep_is_stopped_instead(daemon) -> None:  # ty
 @pytest.mark.engine
 @pytest.mark.parametrize("daemon", [{"FAKE_WAKE_FAILS": "1"}], indirect=True)
 def test_an_engine_that_will_not_wake_is_started_afresh(daemon) -> None:  # type: ignore[no-untyped-def]
-    assert _chat(daemon, "sleepy").status_code == 200
-    pid = _rows(daemon)["sleepy"]["pid"]
-    assert _chat(daemon, "other").status_code == 200
+    pid = _serve_sleepy_then_other(daemon)
     assert _rows(daemon)["sleepy"]["state"] == "sleeping"
 
     again = _chat(daemon, "sleepy")
