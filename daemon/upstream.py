@@ -103,8 +103,8 @@ class Response:
         chunks = self._chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        if self._buffered >= READ_HIGH_WATER and self._conn is not None:
-            self._conn.resume_reading()
+        if self._conn is not None:
+            self._conn.resume_reading()  # a no-op unless a slow reader had paused it
         self._buffered = 0
         if self._done:
             self._release()
@@ -264,6 +264,9 @@ class _Connection(asyncio.Protocol):
     def response_done(self) -> None:
         """The current response was read to its end."""
         if self._keep and not self.closed:
+            # Reading may still be paused (a slow reader left before draining the last bytes):
+            # a paused connection in the pool would never read its next reply.
+            self.resume_reading()
             self.pool.put_back(self)
         else:
             self.close()

@@ -7,8 +7,9 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+import anyio
 import pytest
-from llmd.daemon.upstream import JOIN_LIMIT, Pool, UpstreamError
+from llmd.daemon.upstream import JOIN_LIMIT, READ_HIGH_WATER, Pool, UpstreamError
 
 pytestmark = pytest.mark.anyio
 
@@ -148,6 +149,30 @@ async def test_keep_alive_connection_is_reused(serve) -> None:  # type: ignore[n
         await response.aclose()
     assert engine.connections == 1 and len(engine.requests) == 3
     assert pool.idle_connections == 1
+    await pool.aclose()
+
+
+async def test_a_reply_left_unread_past_the_high_water_mark_leaves_a_usable_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    big = b"x" * (READ_HIGH_WATER + 1000)
+
+    async def large(conn: int, n: int, received: Received, writer: asyncio.StreamWriter) -> bool:
+        writer.write(reply(big))
+        await writer.drain()
+        return True
+
+    engine = await serve(large)
+    pool = Pool("127.0.0.1", engine.port)
+    first = await pool.request("POST", "/x", HEADERS, b"{}")
+    for _ in range(200):  # the reader pauses the socket once a slow consumer falls this far behind
+        if first.complete:
+            break
+        await asyncio.sleep(0.01)
+    assert first.complete
+    await first.aclose()  # the client left before the rest was relayed
+    with anyio.fail_after(5):  # the pooled connection reads its next reply
+        second = await pool.request("POST", "/x", HEADERS, b"{}")
+        assert await second.read() == big
+    assert engine.connections == 1
     await pool.aclose()
 
 
