@@ -38,6 +38,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .openai_errors import CLIENT_GONE
+from .upstream import find_header
+
 log = logging.getLogger(__name__)
 
 METRICS_PATH = "/metrics"
@@ -395,9 +398,8 @@ class _Exchange:
         self.status = message["status"]
         if 200 <= self.status < 300 and self.model is not None:
             self.report = _EngineReport()
-            for key, value in message.get("headers", ()):
-                if key.lower() == b"content-type":
-                    self.stream = value.startswith(b"text/event-stream")
+            content_type = find_header(message.get("headers", []), b"content-type") or b""
+            self.stream = content_type.startswith(b"text/event-stream")
 
     def finish(self) -> None:
         """Record the request; called once, however it ended."""
@@ -405,7 +407,7 @@ class _Exchange:
         model = self.model if self.model is not None else NO_MODEL
         m.in_flight.labels(model).dec()
         end = time.perf_counter()
-        code = self.status or (499 if self.client_gone else 500)
+        code = self.status or (CLIENT_GONE if self.client_gone else 500)
         m.requests.labels(model, self.endpoint, str(code)).inc()
         m.duration.labels(model, self.endpoint).observe(end - self.started)
         reason = self._failure(code)
@@ -417,7 +419,7 @@ class _Exchange:
             self.report.record(m, model)
 
     def _failure(self, code: int) -> str | None:
-        if code == 499:
+        if code == CLIENT_GONE:
             return "client_gone"
         if code >= 500:
             return "server_error"

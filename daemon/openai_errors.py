@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
+# Nginx's code for "client closed request": the status of a reply nobody will receive.
+CLIENT_GONE = 499
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

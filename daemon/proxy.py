@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -26,7 +27,8 @@ from starlette.websockets import WebSocketClose
 
 from .errors import LlmdError, NoRoomError, UnknownModelError
 from .manager import Manager
-from .openai_errors import error_response
+from .metrics import MODEL_SCOPE_KEY
+from .openai_errors import CLIENT_GONE, error_response
 from .upstream import Headers, UpstreamError, find_header
 from .upstream import Response as UpstreamResponse
 
@@ -36,8 +38,6 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 # Longer than any model name or alias can be; longer values are not echoed back in a 404.
 MAX_MODEL_CHARS = 256
 DEFAULT_BODY_TIMEOUT = 30.0
-# Nginx's code for "client closed request": the status of a reply nobody will receive.
-CLIENT_GONE = 499
 # Headers that describe one hop, or that upstream must compute itself. `authorization` carries
 # the proxy's API key, which engines must never see. `expect` was answered by llmd's own server;
 # the body is sent with the request, so the engine has nothing to continue.
@@ -94,8 +94,9 @@ def _json_kind(value: object) -> str:
     return "an object"
 
 
-def parse_model(body: bytes, content_type: str | None) -> str:
-    """The `model` of an OpenAI request body, or BadRequest saying what is wrong with it."""
+def parse_request(body: bytes, content_type: str | None) -> tuple[str, dict[str, Any]]:
+    """The `model` of an OpenAI request body and the whole parsed body, or BadRequest saying
+    what is wrong with it."""
     if content_type is not None and "json" not in content_type.split(";")[0].lower():
         raise BadRequest(415, f"Content-Type must be application/json, not {content_type!r}; send the body as JSON")
     try:
@@ -117,7 +118,7 @@ def parse_model(body: bytes, content_type: str | None) -> str:
         raise BadRequest(400, "'model' is an empty string; name one of GET /v1/models", "model")
     if len(model) > MAX_MODEL_CHARS:
         raise BadRequest(400, f"'model' is {len(model)} characters long, longer than any model name; name one of GET /v1/models", "model")
-    return model
+    return model, payload
 
 
 class BearerAuth:
@@ -264,10 +265,8 @@ class _Relayed(Response):
         self.raw_headers = [*headers, (b"content-length", str(len(content)).encode())]
 
 
-def _with_model(body: bytes, name: str) -> bytes:
-    payload = json.loads(body)
-    payload["model"] = name
-    return json.dumps(payload).encode()
+def _with_model(payload: dict[str, Any], name: str) -> bytes:
+    return json.dumps({**payload, "model": name}).encode()
 
 
 class Proxy:
@@ -281,12 +280,12 @@ class Proxy:
             # never a model; the deadline bounds even that.
             with anyio.fail_after(self.body_timeout):
                 body = await _read_body(request)
-            model = parse_model(body, request.headers.get("content-type"))
+            model, payload = parse_request(body, request.headers.get("content-type"))
             profile = self.manager.resolve(model)
             # For the metrics middleware, which labels the request by the model it reached.
-            request.scope["llmd.model"] = profile.name
+            request.scope[MODEL_SCOPE_KEY] = profile.name
             if model != profile.name:
-                body = _with_model(body, profile.name)  # engines such as fastllm only know the profile's name
+                body = _with_model(payload, profile.name)  # engines such as fastllm only know the profile's name
         except BadRequest as exc:
             return error_response(exc.status, exc.message, param=exc.param, headers=exc.headers)
         except TimeoutError:

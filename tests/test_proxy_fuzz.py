@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 
 from support import assert_openai_error, fake_proxy_app
 from llmd.daemon.errors import EngineStartError, NoRoomError
-from llmd.daemon.proxy import MAX_MODEL_CHARS, BadRequest, parse_model
+from llmd.daemon.proxy import MAX_MODEL_CHARS, BadRequest, parse_request
 
 KEY = "fuzz-key-0123456789"
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"]
@@ -35,13 +35,13 @@ content_types = st.none() | st.sampled_from(
 ) | st.text(alphabet=string.printable.strip("\r\n\x0b\x0c"), max_size=30)
 
 
-# ----- parse_model -----
+# ----- parse_request -----
 
 
 @given(body=st.binary(max_size=300), content_type=content_types)
 def test_parse_model_returns_a_model_or_a_4xx(body: bytes, content_type: str | None) -> None:
     try:
-        model = parse_model(body, content_type)
+        model = parse_request(body, content_type)[0]
     except BadRequest as exc:
         assert exc.status in (400, 415)
         assert exc.message
@@ -53,10 +53,10 @@ def test_parse_model_returns_a_model_or_a_4xx(body: bytes, content_type: str | N
 def test_parse_model_accepts_exactly_the_non_empty_string_models(model: object, rest: dict) -> None:
     body = json.dumps({**rest, "model": model}).encode()
     if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_CHARS:
-        assert parse_model(body, "application/json") == model
+        assert parse_request(body, "application/json")[0] == model
         return
     with pytest.raises(BadRequest) as caught:
-        parse_model(body, "application/json")
+        parse_request(body, "application/json")
     assert caught.value.status == 400 and caught.value.param == "model"
     assert "'model'" in caught.value.message
 
@@ -64,7 +64,7 @@ def test_parse_model_accepts_exactly_the_non_empty_string_models(model: object, 
 @given(payload=json_values.filter(lambda value: not isinstance(value, dict)))
 def test_parse_model_rejects_bodies_that_are_not_objects(payload: object) -> None:
     with pytest.raises(BadRequest, match="must be a JSON object"):
-        parse_model(json.dumps(payload).encode(), None)
+        parse_request(json.dumps(payload).encode(), None)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_parse_model_rejects_bodies_that_are_not_objects(payload: object) -> Non
 )
 def test_parse_model_edge_cases(body: bytes, message: str) -> None:
     with pytest.raises(BadRequest, match=message) as caught:
-        parse_model(body, "application/json")
+        parse_request(body, "application/json")
     assert caught.value.status == 400
 
 
