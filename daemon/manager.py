@@ -255,6 +255,7 @@ class Manager:
         restarted; models whose profile is gone or now invalid are stopped."""
         self.config = config
         self.profiles = profiles
+        self.planner.margin_mib = config.gpus.margin_mib
         changes: dict[str, list[str]] = {"restarted": [], "stopped": [], "updated": []}
         for name, inst in list(self.instances.items()):
             new = profiles.profiles.get(name)
@@ -518,20 +519,49 @@ class Manager:
                 await self._changed.wait()
 
     def _running_except(self, inst: Instance) -> list[RunningModel]:
-        return [
-            other.as_running(parkable=self._can_park(other))
-            for other in self.instances.values()
-            if other is not inst and other.placement is not None
-        ]
+        running = []
+        budget: int | None = None  # host RAM for parking, read once and only if some model can park
+        for other in self.instances.values():
+            if other is inst or other.placement is None:
+                continue
+            parkable = False
+            need = self._park_ram(other)
+            if need:
+                budget = self._parking_budget_mib() if budget is None else budget
+                # One budget for all: a plan that evicts several never parks more than RAM holds.
+                parkable = self._can_park(other, budget)
+                if parkable:
+                    budget -= need
+            running.append(other.as_running(parkable=parkable))
+        return running
 
-    def _can_park(self, inst: Instance) -> bool:
-        """Whether evicting this model would park it: its engine can sleep, it is on GPUs,
-        and host RAM has room for the weights it keeps while asleep."""
+    @staticmethod
+    def _park_ram(inst: Instance) -> int:
+        """MiB of host RAM parking this model would take; 0 when it cannot be parked (its engine
+        cannot sleep, it is not ready, it runs on the CPU, or its weights' size is unknown)."""
         sleep = inst.spec.sleep if inst.spec is not None else None
         if inst.state is not State.READY or sleep is None or inst.placement is None or inst.placement.cpu_only:
+            return 0
+        return max(0, sleep.host_ram_mib)
+
+    def _parking_budget_mib(self) -> int:
+        """Host RAM that parking may take now: what is free beyond the margin, less the weights
+        of engines still falling asleep (not yet moved out of VRAM)."""
+        available = psutil.virtual_memory().available // (1024 * 1024) - HOST_RAM_MARGIN_MIB
+        pending = sum(
+            other.spec.sleep.host_ram_mib
+            for other in self.instances.values()
+            if other.state is State.SLEEPING and not other.settled.is_set() and other.spec and other.spec.sleep
+        )
+        return available - pending
+
+    def _can_park(self, inst: Instance, budget_mib: int | None = None) -> bool:
+        """Whether evicting this model would park it: its engine can sleep, it is on GPUs, and
+        `budget_mib` (default: what host RAM has for parking now) holds the weights it keeps."""
+        need = self._park_ram(inst)
+        if not need:
             return False
-        available_mib = psutil.virtual_memory().available // (1024 * 1024)
-        return available_mib - HOST_RAM_MARGIN_MIB >= sleep.host_ram_mib
+        return need <= (self._parking_budget_mib() if budget_mib is None else budget_mib)
 
     async def _make_room(self, inst: Instance, result: Plan, running: list[RunningModel]) -> None:
         """Evict what `result` names: park the victims the plan counted as parked, stop the rest.
@@ -613,6 +643,7 @@ class Manager:
         """The instance holds nothing any more: no engine, no claim."""
         inst.engine = None
         inst.spec = None
+        inst.parked = None
         inst.state = state
         inst.progress = ""
         self._clear_claim(inst)
@@ -719,7 +750,10 @@ class Manager:
                     await inst.probe_now.wait()
             if inst.probe_now.is_set():
                 inst.probe_now = anyio.Event()
-            timeout = BUSY_HEALTH_TIMEOUT if inst.in_flight else HEALTH_TIMEOUT
+            if inst.state is State.SLEEPING:
+                continue  # asleep or falling asleep: an exit is still seen at once, through the pidfd
+            # Busy, or waking up (still parked): it may answer slowly, but it must answer.
+            timeout = BUSY_HEALTH_TIMEOUT if inst.in_flight or inst.parked is not None else HEALTH_TIMEOUT
             ok = await http_ok(engine.port, inst.spec.readiness.path, timeout)
             failed = 0 if ok else failed + 1
             if failed >= HEALTH_FAILURES:
@@ -760,7 +794,6 @@ class Manager:
         assert inst.state in (State.READY, State.SLEEPING)
         inst.state = State.STOPPING
         inst.stopped = anyio.Event()
-        inst.parked = None
         inst.settled.set()  # a wake waiting for a park to end sees STOPPING instead
 
     async def _finish_stop(self, inst: Instance, reason: str) -> None:
@@ -789,7 +822,16 @@ class Manager:
         engine, spec = inst.engine, inst.spec
         assert engine is not None and spec is not None and spec.sleep is not None
         log.info("parking %s (pid %d): %s", inst.name, engine.pid, spec.sleep.sleep_path)
-        problem = await _post(engine.port, spec.sleep.sleep_path, PARK_TIMEOUT)
+        try:
+            problem = await _post(engine.port, spec.sleep.sleep_path, PARK_TIMEOUT)
+        except BaseException:
+            # The load that evicted it was cancelled (unloaded, or llmd is stopping): stop the
+            # engine halfway to sleep, so that nothing waits for this park to end.
+            if inst.engine is engine and inst.state is State.SLEEPING:
+                self._begin_stop(inst)
+                with anyio.CancelScope(shield=True):
+                    await self._finish_stop(inst, "its park was interrupted")
+            raise
         if inst.engine is not engine or inst.state is not State.SLEEPING:
             return  # stopped or crashed meanwhile
         if problem is not None:
@@ -867,7 +909,6 @@ class Manager:
         with anyio.CancelScope(shield=True):
             await engine.stop(self.config.server.stop_grace)
         self._clear(inst, State.STARTING)
-        inst.parked = None
         inst.stopped = anyio.Event()
         await self._load(inst, load)
 

@@ -18,7 +18,7 @@ from .sdnotify import notify
 log = logging.getLogger(__name__)
 
 # Settings bound at startup: a change to them is reported, and takes effect at the next start.
-_NEEDS_RESTART = ("listen", "socket", "state_dir", "management_listen")
+_NEEDS_RESTART = ("listen", "socket", "state_dir", "management_listen", "api_keys", "management_token")
 # Whole sections read once, when the listeners' apps are built.
 _SECTIONS_NEEDING_RESTART = ("metrics", "dashboard")
 
@@ -48,6 +48,9 @@ def reload_now(manager: Manager, config_path: Path | None) -> None:
         if getattr(config.server, key, None) != getattr(manager.config.server, key, None):
             log.warning("[server] %s changed: it takes effect when llmd restarts", key)
             setattr(config.server, key, getattr(manager.config.server, key, None))
+    if config.gpus.simulate != manager.config.gpus.simulate:
+        log.warning("[gpus] simulate changed: it takes effect when llmd restarts")
+        config.gpus.simulate = manager.config.gpus.simulate
     for section in _SECTIONS_NEEDING_RESTART:
         if getattr(config, section) != getattr(manager.config, section):
             log.warning("[%s] changed: it takes effect when llmd restarts", section)

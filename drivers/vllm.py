@@ -103,11 +103,6 @@ def sleep_mode_requested(request: LaunchRequest) -> bool:
     return SLEEP_MODE_FLAG in launch.extra_args or env.get(SLEEP_MODE_ENV) == "1"
 
 
-def sleep_mode_enabled(spec: LaunchSpec) -> bool:
-    """Whether an engine started from `spec` has sleep mode (so /sleep and /wake_up work)."""
-    return SLEEP_MODE_FLAG in spec.argv and spec.env.get(DEV_MODE_ENV) == "1"
-
-
 class VllmDriver:
     name = "vllm"
     default_command = ["vllm", "serve"]
@@ -156,7 +151,7 @@ class VllmDriver:
                 # Level 1 moves the weights to host RAM and drops the KV cache; waking copies
                 # the weights back, without reading the model from disk again.
                 weights = estimate.weights_bytes if estimate is not None else 0
-                sleep = SleepControl("/sleep?level=1", "/wake_up", math.ceil(weights / MIB))
+                sleep = SleepControl(host_ram_mib=math.ceil(weights / MIB))
 
         argv = [
             *request.command,

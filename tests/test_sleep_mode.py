@@ -197,3 +197,21 @@ def test_parking_needs_a_sleep_capable_gpu_engine_and_host_ram_for_its_weights(t
     running = _ready_instance(host_ram_mib=64, gpus=(0, 1)).as_running(parkable=True)
     assert running.parked_gpus == {0: PARKED_DEFAULT_MIB, 1: PARKED_DEFAULT_MIB}
     assert running.frees(0) == 8000 - PARKED_DEFAULT_MIB
+
+
+def test_models_parked_by_one_plan_share_one_host_ram_budget(tmp_path: Path) -> None:
+    from llmd.daemon.config import DaemonConfig
+    from llmd.daemon.manager import Manager
+
+    manager = Manager(DaemonConfig.model_validate({"server": {"state_dir": str(tmp_path)}}), {}, None)  # type: ignore[arg-type]
+    budget = manager._parking_budget_mib()
+    for name in ("a", "b", "c"):
+        inst = _ready_instance(host_ram_mib=max(1, budget * 6 // 10))  # each fits alone; two do not
+        inst.profile.name = name
+        manager.instances[name] = inst
+    unknown = _ready_instance(host_ram_mib=0)  # weights of unknown size: never parked
+    unknown.profile.name = "unknown"
+    manager.instances["unknown"] = unknown
+    running = {model.name: model for model in manager._running_except(manager.instances["c"])}
+    assert [name for name, model in running.items() if model.parked_gpus is not None] == ["a"]
+    assert running["b"].parked_gpus is None and running["unknown"].parked_gpus is None
