@@ -10,7 +10,6 @@ Exit codes scripts can rely on (docs/cli.md lists them per command):
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import httpx
 
 from .config import DaemonConfig, config_path_from_env, default_socket, load_config
 from .errors import LlmdError
+from .openai_errors import error_message
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -52,11 +52,12 @@ class Daemon:
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except PermissionError:
-            raise DaemonUnreachable(
-                f"permission denied on {self.socket_path}: join the socket's group (e.g. `llmd`)"
-            ) from None
-        except (httpx.ConnectError, httpx.ConnectTimeout, FileNotFoundError, ConnectionRefusedError):
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # httpx wraps the socket's OSError; the cause tells "not allowed" from "not running".
+            if isinstance(_root_cause(exc), PermissionError):
+                raise DaemonUnreachable(
+                    f"permission denied on {self.socket_path}: join the socket's group (e.g. `llmd`)"
+                ) from None
             raise DaemonUnreachable(
                 f"cannot reach llmd on {self.socket_path}: is `llmd serve` running? "
                 "(set --socket or LLMD_SOCKET if it listens elsewhere)"
@@ -82,7 +83,11 @@ class Daemon:
         response = self.query(method, path, **kwargs)
         if response.status_code >= 400:
             fail(error_text(response))
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            fail(f"llmd on {self.socket_path} answered {method} {path} with something that is not JSON: "
+                 f"{response.text[:200]!r}; is another program listening on that socket?")
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         """Like `request`, but an unreachable daemon ends llmctl with exit code 3."""
@@ -104,13 +109,14 @@ class Daemon:
             yield from response.iter_raw()
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
 def error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        error = body.get("error")
-        return error if isinstance(error, str) else json.dumps(error)
-    except ValueError:
-        return f"HTTP {response.status_code}: {response.text.strip()}"
+    return error_message(response.status_code, response.content)
 
 
 def root_options(ctx: click.Context) -> dict[str, Any]:

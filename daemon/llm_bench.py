@@ -24,6 +24,7 @@ import anyio
 import httpx
 
 from .errors import LlmdError
+from .openai_errors import error_message
 
 __all__ = ["BenchError", "BenchRow", "format_rate", "headline", "parse_concurrency", "run_bench"]
 
@@ -107,11 +108,7 @@ def _token_counts(usage: dict[str, Any] | None, timings: dict[str, Any] | None) 
 
 
 def _error_message(status: int, body: bytes, base_url: str) -> str:
-    try:
-        error = json.loads(body).get("error")
-        text = error.get("message") if isinstance(error, dict) else str(error)
-    except (ValueError, AttributeError):
-        text = body.decode(errors="replace")[:300]
+    text = error_message(status, body)
     hint = ""
     if status == 401:
         hint = "; pass --api-key (or set LLMD_API_KEY) to one of the keys in [server] api_keys"

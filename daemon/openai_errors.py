@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from starlette.responses import JSONResponse
 
 # Nginx's code for "client closed request": the status of a reply nobody will receive.
@@ -37,3 +39,18 @@ def error_response(
         }
     }
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_message(status: int, body: bytes) -> str:
+    """The message of an error reply from llmd: `{"error": "..."}` (management API) or
+    `{"error": {"message": "..."}}` (OpenAI's shape, the proxy); never raises."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    if isinstance(error, str):
+        return error
+    text = body.decode(errors="replace").strip()[:300]
+    return f"HTTP {status}: {text}" if text else f"HTTP {status}"

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import BIN, tiny_profile, write_client_config
 
@@ -168,3 +169,26 @@ def test_exit_0_and_1_against_a_running_daemon(make_daemon, tiny_gguf: Path) -> 
     assert unknown.returncode == 1 and "does not exist" in unknown.stderr
     assert daemon.llmctl("plan", "tiny", check=False).returncode == 0
     assert daemon.llmctl("unload", "tiny", check=False).returncode == 0
+
+
+def test_a_socket_llmctl_may_not_open_says_to_join_its_group(tmp_path: Path) -> None:
+    from llmd.daemon.cli_client import Daemon, DaemonUnreachable
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        # What httpx raises for a unix socket whose mode shuts this user out.
+        raise httpx.ConnectError("[Errno 13] Permission denied") from PermissionError(13, "Permission denied")
+
+    daemon = Daemon(tmp_path / "llmd.sock")
+    daemon.client = httpx.Client(transport=httpx.MockTransport(refuse), base_url="http://llmd")
+    with pytest.raises(DaemonUnreachable, match="permission denied on .*join the socket's group"):
+        daemon.query("GET", "/v1/ps")
+
+
+def test_error_replies_of_either_shape_and_odd_bodies_give_a_message() -> None:
+    from llmd.daemon.openai_errors import error_message
+
+    assert error_message(404, b'{"error": "model \'x\' does not exist"}') == "model 'x' does not exist"
+    assert error_message(401, b'{"error": {"message": "bad key", "type": "x"}}') == "bad key"
+    assert error_message(500, b"[1, 2]") == "HTTP 500: [1, 2]"
+    assert error_message(502, b"<html>bad gateway</html>") == "HTTP 502: <html>bad gateway</html>"
+    assert error_message(503, b"") == "HTTP 503"
