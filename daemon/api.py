@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .bench_store import read_bench, write_bench
+from .bench_store import bench_headline, write_bench
 from .errors import LlmdError, UnknownModelError
 from .manager import Manager
 from .reload import reload_profiles
@@ -56,7 +56,7 @@ class ManagementApi:
                 "state": self.manager.instances[name].state.value if name in self.manager.instances else "stopped",
                 "source": str(found.sources[name]),
                 "error": None,
-                "bench": self._bench_headline(name),
+                "bench": bench_headline(self.manager.config.server.state_dir, name),
             }
             for name, profile in found.profiles.items()
         ]
@@ -138,11 +138,6 @@ class ManagementApi:
             "invalid": dict(sorted(profiles.errors.items())),
             "changes": changes,
         })
-
-    def _bench_headline(self, name: str) -> str | None:
-        result = read_bench(self.manager.config.server.state_dir, name)
-        headline = result.get("headline") if result else None
-        return headline if isinstance(headline, str) else None
 
     async def store_bench(self, request: Request) -> Response:
         """Keep a `llmctl bench` result with the profile, for `ls` (its `headline`) and the dashboard."""

@@ -32,6 +32,13 @@ def read_bench(state_dir: Path, name: str) -> dict[str, Any] | None:
     return result if isinstance(result, dict) else None
 
 
+def bench_headline(state_dir: Path, name: str) -> str | None:
+    """The headline of the profile's last bench ("46.1 tok/s gen, ..."), or None."""
+    result = read_bench(state_dir, name)
+    headline = result.get("headline") if result is not None else None
+    return headline if isinstance(headline, str) and headline else None
+
+
 def write_bench(state_dir: Path, name: str, result: dict[str, Any]) -> Path:
     """Store `result` as the profile's latest bench, atomically: a reader never sees half a file."""
     path = bench_path(state_dir, name)

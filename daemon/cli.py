@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from .cli_client import EXIT_FAILED, EXIT_UNREACHABLE, Daemon, daemon_for, fail  # noqa: F401  (used by other cli_* modules)
+from .cli_client import EXIT_FAILED, daemon_for, fail
 from .cli_complete import complete_model_names
 from .cli_output import dash as _dash
 from .cli_output import echo_json, echo_plan
@@ -24,9 +24,6 @@ from .cli_output import table as _table
 from .durations import format_duration
 from .profiles import check_model_name
 from .units import format_mib
-
-_fail = fail
-
 
 @click.group()
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="LLMD_SOCKET",
@@ -39,7 +36,6 @@ def main(ctx: click.Context, socket_path: Path | None, config_path: Path | None)
 
     Exit codes: 0 done, 1 failed or refused, 2 bad usage, 3 llmd not reachable.
     """
-    ctx.obj = {"socket": socket_path, "config": config_path}
 
 
 def _check_name(name: str) -> str:
@@ -48,10 +44,6 @@ def _check_name(name: str) -> str:
         return check_model_name(name)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="NAME") from None
-
-
-def _daemon(ctx: click.Context) -> Daemon:
-    return daemon_for(ctx)
 
 
 @main.command()
@@ -64,7 +56,7 @@ def load(ctx: click.Context, name: str, old: str | None) -> None:
     _check_name(name)
     if old:
         _check_name(old)
-    daemon = _daemon(ctx)
+    daemon = daemon_for(ctx)
     interactive = sys.stderr.isatty()
     params = {"replace": old} if old else {}
     for line in daemon.stream_lines("POST", f"/v1/models/{name}/load", params=params):
@@ -95,7 +87,7 @@ def pull(ctx: click.Context, name: str) -> None:
     """Download NAME's model files (Hugging Face) without loading it."""
     _check_name(name)
     interactive = sys.stderr.isatty()
-    for line in _daemon(ctx).stream_lines("POST", f"/v1/models/{name}/pull"):
+    for line in daemon_for(ctx).stream_lines("POST", f"/v1/models/{name}/pull"):
         if not line.strip():
             continue
         event = json.loads(line)
@@ -121,7 +113,7 @@ def unload(ctx: click.Context, name: str | None, unload_all: bool) -> None:
         raise click.UsageError("give a model NAME or --all")
     if name:
         _check_name(name)
-    daemon = _daemon(ctx)
+    daemon = daemon_for(ctx)
     if unload_all:
         result = daemon.call("POST", "/v1/unload")
         click.echo(f"unloaded: {', '.join(result['unloaded']) or 'nothing was running'}")
@@ -135,7 +127,7 @@ def unload(ctx: click.Context, name: str | None, unload_all: bool) -> None:
 @click.pass_context
 def ps(ctx: click.Context, as_json: bool) -> None:
     """Models that have run since the daemon started, and their state."""
-    models = _daemon(ctx).call("GET", "/v1/ps")["models"]
+    models = daemon_for(ctx).call("GET", "/v1/ps")["models"]
     if as_json:
         echo_json(models)
         return
@@ -180,7 +172,7 @@ def _where(row: dict[str, Any]) -> str:
 def plan(ctx: click.Context, name: str, as_json: bool) -> None:
     """What loading NAME now would need and do (nothing is loaded). Exits 1 if it does not fit now."""
     _check_name(name)
-    report = _daemon(ctx).call("GET", f"/v1/models/{name}/plan")
+    report = daemon_for(ctx).call("GET", f"/v1/models/{name}/plan")
     if as_json:
         echo_json(report)
     elif echo_plan(report):
@@ -194,7 +186,7 @@ def plan(ctx: click.Context, name: str, as_json: bool) -> None:
 @click.pass_context
 def gpus(ctx: click.Context, as_json: bool) -> None:
     """The GPUs, their memory, and which model holds what."""
-    report = _daemon(ctx).call("GET", "/v1/gpus")
+    report = daemon_for(ctx).call("GET", "/v1/gpus")
     if as_json:
         echo_json(report)
         return
@@ -214,7 +206,7 @@ def gpus(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def list_profiles(ctx: click.Context, as_json: bool) -> None:
     """Profiles the daemon found, valid or not."""
-    profiles = _daemon(ctx).call("GET", "/v1/profiles")["profiles"]
+    profiles = daemon_for(ctx).call("GET", "/v1/profiles")["profiles"]
     if as_json:
         echo_json(profiles)
         return
@@ -239,7 +231,7 @@ def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
     _check_name(name)
     params = {"lines": lines, "follow": "1" if follow else "0"}
     try:
-        for chunk in _daemon(ctx).stream_bytes(f"/v1/models/{name}/logs", params=params):
+        for chunk in daemon_for(ctx).stream_bytes(f"/v1/models/{name}/logs", params=params):
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
     except KeyboardInterrupt:

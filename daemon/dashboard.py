@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from .bench_store import read_bench
+from .bench_store import bench_headline
 from .dashboard_auth import DASHBOARD_PATH, LOGIN_PATH, TOKEN_CHECK, TokenCheck, login_cookie, logout_cookie
 from .manager import Manager
 from .units import format_mib
@@ -81,12 +81,6 @@ def gpu_views(report: dict[str, Any]) -> list[dict[str, Any]]:
     return cards
 
 
-def _bench_headline(state_dir: Path, name: str) -> str | None:
-    bench = read_bench(state_dir, name)
-    headline = bench.get("headline") if bench is not None else None
-    return headline if isinstance(headline, str) and headline else None
-
-
 def profile_views(manager: Manager) -> list[dict[str, Any]]:
     """Every profile, valid or not, with its model's state as `llmctl ps` reports it."""
     running = {row["model"]: row for row in manager.status()}
@@ -104,7 +98,7 @@ def profile_views(manager: Manager) -> list[dict[str, Any]]:
             "error": row.get("error"),
             "gpus": row.get("gpus", []),
             "vram_mib": row.get("vram_mib", 0),
-            "bench": _bench_headline(state_dir, name),
+            "bench": bench_headline(state_dir, name),
             "invalid": None,
         })
     for name, error in found.errors.items():

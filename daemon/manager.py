@@ -167,7 +167,7 @@ class Instance:
         if self.state is State.SLEEPING and self.parked is not None:
             return dict(self.parked)
         assert self.placement is not None
-        return {share.index: share.vram_mib for share in self.placement.gpus}
+        return self.placement.per_card()
 
     def parked_share(self) -> dict[int, int]:
         """What this engine would keep per card once parked, before it has been measured."""
@@ -488,7 +488,7 @@ class Manager:
         started.append(engine)
         self.ledger.add(engine)
         inst.engine, inst.spec = engine, spec
-        self.planner.claim(profile.name, engine.pid, {share.index: share.vram_mib for share in placement.gpus})
+        self.planner.claim(profile.name, engine.pid, placement.per_card())
         inst.progress = f"waiting for {profile.engine} (pid {engine.pid}) to load the model"
         log.info("starting %s: pid %d port %d, %s", profile.name, engine.pid, port, placement.reason or "placed")
         await engine.wait_ready(spec, self.config.server.ready_timeout)
@@ -854,13 +854,8 @@ class Manager:
         if self.planner.simulated:
             return default
         measured = self.planner.usage_of(process_tree(engine.pid))
-        placed = self._placed(inst)
+        placed = inst.placement.per_card()
         return {index: min(placed[index], measured[index]) if measured.get(index) else mib for index, mib in default.items()}
-
-    @staticmethod
-    def _placed(inst: Instance) -> dict[int, int]:
-        assert inst.placement is not None
-        return {share.index: share.vram_mib for share in inst.placement.gpus}
 
     def _begin_wake(self, inst: Instance) -> None:
         assert self._tg is not None, "manager is not running"
@@ -881,7 +876,7 @@ class Manager:
             with load.scope:
                 problem = await self._room_to_wake(inst)
                 if problem is None:
-                    self.planner.claim(inst.name, engine.pid, self._placed(inst))
+                    self.planner.claim(inst.name, engine.pid, inst.placement.per_card())
                     problem = await _post(engine.port, spec.sleep.wake_path, self.config.server.ready_timeout)
         except Exception as exc:  # a bug here must not take the daemon down: start it afresh instead
             log.exception("waking %s failed", inst.name)
@@ -916,7 +911,7 @@ class Manager:
         """Make room for the parked engine's memory on the cards it sleeps on, evicting idle
         models there; None when done, else why there is no room."""
         assert inst.placement is not None and inst.parked is not None
-        placed = self._placed(inst)
+        placed = inst.placement.per_card()
         extra = max(placed[index] - inst.parked.get(index, 0) for index in placed)
         width = len(placed)
         need = ModelNeed.fixed(inst.name, extra * width, tensor_parallel=width, allowed_gpus=tuple(sorted(placed)))

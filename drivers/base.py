@@ -55,6 +55,10 @@ class Placement:
     def vram_mib(self) -> int:
         return sum(share.vram_mib for share in self.gpus)
 
+    def per_card(self) -> dict[int, int]:
+        """MiB planned on each card, by card index."""
+        return {share.index: share.vram_mib for share in self.gpus}
+
     def cuda_visible_devices(self) -> str:
         """By UUID, so a placement survives NVML and CUDA disagreeing on the order of cards."""
         return ",".join(share.uuid for share in self.gpus)
