@@ -62,6 +62,12 @@ _SECRET_PATTERN = re.compile(r"[\x21-\x7e]+")
 _SECRET_FIELDS = ("api_keys", "management_token")
 
 
+def split_host_port(address: str) -> tuple[str, int]:
+    """("host", port) of a validated "HOST:PORT" (an IPv6 host may be in brackets)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def _check_host_port(field: str, value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -156,11 +162,11 @@ class ServerConfig(BaseModel):
 
     @property
     def listen_host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
+        return split_host_port(self.listen)[0]
 
     @property
     def listen_port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return split_host_port(self.listen)[1]
 
 
 class EngineConfig(BaseModel):

@@ -27,9 +27,9 @@ import anyio
 import httpx
 from llmd.drivers.base import Driver, GpuShare, LaunchRequest, Placement, load_progress
 
-from .config import DaemonConfig
+from .config import DaemonConfig, split_host_port
 from .engines import resolve_command
-from .errors import ConfigError, EngineNotInstalledError, LlmdError
+from .errors import AddressInUseError, ConfigError, EngineNotInstalledError, LlmdError
 from .gpus import CpuOnlyInventory, open_inventory
 from .listeners import bind_tcp
 from .profiles import Launch, ModelSource, Profile, ProfileSet
@@ -385,19 +385,19 @@ def _holder(port: int) -> str:
 
 def check_port(setting: str, address: str, probe_path: str) -> CheckResult:
     """A configured listen address is free, or held by a running llmd that answers on it."""
-    host, _, port_text = address.rpartition(":")
-    host, port = host.strip("[]"), int(port_text)
+    host, port = split_host_port(address)
     label = f"port {address}"
     try:
-        bind_tcp(host, port).close()
+        bind_tcp(host, port, setting).close()
         return CheckResult(label, "ok", f"{setting} {address} is free")
-    except ConfigError as exc:
+    except AddressInUseError as exc:
         if _llmd_answers(host, port, probe_path):
             return CheckResult(label, "ok", f"{setting} {address} is held by a running llmd, which answers on it")
         holder = _holder(port)
         held = f" (held by {holder})" if holder else ""
-        return CheckResult(label, "fail", f"{exc}{held}".replace("[server] listen", setting, 1),
-                           f"stop what holds it, or choose another port for {setting} in llmd.toml")
+        return CheckResult(label, "fail", f"{exc}{held}", f"stop what holds it, or choose another port for {setting} in llmd.toml")
+    except ConfigError as exc:
+        return CheckResult(label, "fail", str(exc), f"set {setting} in llmd.toml to an address of this host")
 
 
 # ---------------------------------------------------------------------------------------------

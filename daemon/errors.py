@@ -11,6 +11,10 @@ class ConfigError(LlmdError):
     """A config or profile file is missing, unreadable or invalid."""
 
 
+class AddressInUseError(ConfigError):
+    """A configured listen address is held by another socket."""
+
+
 class UnknownModelError(LlmdError):
     """A request named a model that no valid profile serves."""
 

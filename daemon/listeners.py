@@ -7,17 +7,18 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import AddressInUseError, ConfigError
 
 SOCKET_MODE = 0o660
 
 
-def bind_tcp(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port (IPv4 or IPv6)."""
+def bind_tcp(host: str, port: int, setting: str = "[server] listen") -> socket.socket:
+    """A TCP socket bound to host:port (IPv4 or IPv6). Errors name `setting`, where the address
+    came from; AddressInUseError when another socket holds it."""
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        raise ConfigError(f"[server] listen: cannot resolve host {host!r}: {exc}") from None
+        raise ConfigError(f"{setting}: cannot resolve host {host!r}: {exc}") from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -25,10 +26,10 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(
-                f"[server] listen: {host}:{port} is already in use; stop what holds it or choose another port"
+            raise AddressInUseError(
+                f"{setting}: {host}:{port} is already in use; stop what holds it or choose another port"
             ) from None
-        raise ConfigError(f"[server] listen: cannot bind {host}:{port}: {exc.strerror}") from None
+        raise ConfigError(f"{setting}: cannot bind {host}:{port}: {exc.strerror}; use an address of this host") from None
     return sock
 
 

@@ -23,8 +23,8 @@ from starlette.types import ASGIApp
 from llmd.drivers.registry import load_drivers
 
 from .api import build_api_app
-from .config import DaemonConfig, ServerConfig, config_path_from_env, load_config
-from .errors import ConfigError, LlmdError
+from .config import DaemonConfig, ServerConfig, config_path_from_env, load_config, split_host_port
+from .errors import LlmdError
 from .listeners import bind_tcp, bind_unix
 from .manager import Manager
 from .profiles import load_profiles
@@ -89,12 +89,7 @@ def _management_over_tcp(manager: Manager, server: ServerConfig) -> tuple[_Serve
     if server.management_listen is None:
         return None
     assert server.management_token is not None  # config validation refuses a TCP listener without one
-    host, _, port = server.management_listen.rpartition(":")
-    try:
-        sock = bind_tcp(host.strip("[]"), int(port))
-    except ConfigError as exc:
-        # bind_tcp's messages name [server] listen; this address comes from management_listen.
-        raise ConfigError(str(exc).replace("[server] listen", "[server] management_listen", 1)) from None
+    sock = bind_tcp(*split_host_port(server.management_listen), setting="[server] management_listen")
     token = server.management_token.get_secret_value()
     bearer = BearerAuth(
         build_api_app(manager),
@@ -188,7 +183,7 @@ def main() -> None:
 def serve_command(config_path: Path | None) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One line per proxied or probed request would flood the journal and slow the hot path.
+    # httpx logs a line per request: downloads and sleep/wake calls would flood the journal.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         path = config_path_from_env(config_path)

@@ -68,11 +68,9 @@ async def http_ok(port: int, path: str, timeout: float) -> bool:
 
     A probe never leaves an idle keep-alive connection behind: llama-server takes about 100 ms
     longer to exit on SIGTERM while a client holds one. Plain sockets also keep the probe cheap
-    enough to run every half second per engine.
+    enough to run every second per engine, and every 10 ms while one loads.
     """
     request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
-    # Plain socket calls on the event loop: this runs every second per engine while the daemon
-    # is idle, and every 10 ms while one loads.
     loop = asyncio.get_running_loop()
     head = b""
     try:

@@ -252,3 +252,17 @@ def test_engines_listen_on_loopback_only(make_daemon, tiny_gguf: Path) -> None: 
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     listening = [c for c in psutil.Process(row["pid"]).net_connections("inet") if c.status == psutil.CONN_LISTEN]
     assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}
+
+
+def test_a_held_management_address_is_reported_under_its_own_setting() -> None:
+    import socket
+
+    from llmd.daemon.errors import AddressInUseError
+    from llmd.daemon.listeners import bind_tcp
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(AddressInUseError, match=rf"^\[server\] management_listen: 127.0.0.1:{port} is already in use"):
+            bind_tcp("127.0.0.1", port, "[server] management_listen")

@@ -204,3 +204,15 @@ def test_smoke_vllm(tmp_path: Path, vllm_command: list[str]) -> None:
     left = list(scratch.iterdir())
     shutil.rmtree(scratch)
     assert left == [] and _smoke_leftovers() == []
+
+
+def test_an_address_not_of_this_host_is_told_apart_from_a_held_port(tmp_path: Path) -> None:
+    config = _config(tmp_path / "llmd")
+    # 192.0.2.0/24 is reserved for documentation: no host has it.
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:', 'listen = "192.0.2.7:'))
+    done = subprocess.run([str(BIN / "llmctl"), "--config", str(config), "doctor", "--no-smoke"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    line = next(line for line in done.stdout.splitlines() if "port 192.0.2.7:" in line)
+    assert line.startswith("FAIL") and "[server] listen: cannot bind" in line and "already in use" not in line, done.stdout
+    assert "fix: set [server] listen in llmd.toml to an address of this host" in done.stdout
