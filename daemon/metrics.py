@@ -38,6 +38,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .direct_body import BODY_TAP_KEY
 from .openai_errors import CLIENT_GONE
 from .upstream import find_header
 
@@ -351,6 +352,7 @@ class _Exchange:
         self.last_body = b""
         # Only successful replies are read for the engine's figures.
         self.report: _EngineReport | None = None
+        scope[BODY_TAP_KEY] = self.saw_body
         metrics.in_flight.labels(NO_MODEL).inc()
 
     def _learn_model(self) -> None:
@@ -370,27 +372,29 @@ class _Exchange:
             self.client_gone = True
         return message
 
+    def saw_body(self, body: bytes) -> None:
+        """One piece of the reply's body on its way to the client; also called by the proxy for
+        the pieces it writes past `send` (see `direct_body`)."""
+        # The hot path: called for every chunk of every reply, so each chunk costs a check or
+        # two and, for a successful reply, two byte searches.
+        if self.first_byte is None:
+            self.first_byte = time.perf_counter()
+        if self.report is not None:
+            self.report.feed(body)
+        self.last_body = body
+
     async def send(self, message: Message) -> None:
-        # The hot path: called for every chunk of every reply, so each chunk costs a type
-        # check, a length check and, for a successful reply, two byte searches.
         kind = message["type"]
         if kind == "http.response.body":
             body = message.get("body", b"")
             if body:
-                if self.first_byte is None:
-                    self.first_byte = time.perf_counter()
-                if self.report is not None:
-                    self.report.feed(body)
-                self.last_body = body
+                self.saw_body(body)
             if not message.get("more_body", False):
                 self.complete = True
         elif kind == "http.response.start":
             self._start(message)
-        try:
-            await self._send(message)
-        except OSError:  # uvicorn's ClientDisconnected: the client went away mid-reply
-            self.client_gone = True
-            raise
+        # uvicorn's `send` does not fail once the client is gone: the disconnect is seen in receive().
+        await self._send(message)
 
     def _start(self, message: Message) -> None:
         if self.model is None:

@@ -25,6 +25,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
+from .direct_body import direct_writer
 from .errors import LlmdError, NoRoomError, UnknownModelError
 from .manager import Manager
 from .metrics import MODEL_SCOPE_KEY
@@ -217,25 +218,42 @@ def _stream_error(name: str) -> bytes:
 
 
 class RelayResponse(Response):
-    """Streams an engine's reply as it arrives, each piece sent on as soon as it is read.
+    """Streams an engine's reply as it arrives, each piece sent on as soon as it is read:
+    straight from the engine's socket to the client's under uvicorn (`direct_body`), through
+    `send` elsewhere.
     Whatever ends the response (done, client gone, engine gone), the upstream response is
     closed and the model released exactly once."""
 
-    def __init__(self, upstream: UpstreamResponse, on_close: Callable[[], None], name: str, headers: Headers) -> None:
+    def __init__(
+        self,
+        upstream: UpstreamResponse,
+        name: str,
+        headers: Headers,
+        *,
+        on_close: Callable[[], None],
+        on_broken: Callable[[], None],
+    ) -> None:
         self.status_code = upstream.status
         self.raw_headers = headers
         self.background = None
         self._upstream = upstream
         self._on_close = on_close
+        self._on_broken = on_broken
         self._name = name
 
-    async def _relay(self, send: Send) -> None:
+    async def _relay(self, scope: Scope, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         try:
-            async for chunk in self._upstream:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            write = direct_writer(scope)
+            if write is not None:
+                # The engine connection's read callback writes each piece to the client itself.
+                await self._upstream.pipe(write, lambda: send({"type": "http.response.body", "body": b"", "more_body": True}))
+            else:
+                async for chunk in self._upstream:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
             log.warning("stream from %s broke off: %r", self._name, exc)
+            self._on_broken()  # an engine that broke off a reply may be dying: look at once
             await send({"type": "http.response.body", "body": _stream_error(self._name), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -245,7 +263,7 @@ class RelayResponse(Response):
             # through `receive`, and it stops the relay (and so the generation) at once.
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                await self._relay(send)
+                await self._relay(scope, send)
                 tg.cancel_scope.cancel()
         finally:
             try:
@@ -324,7 +342,13 @@ class Proxy:
 
         headers = _forward_headers(upstream.headers)
         if (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
-            return RelayResponse(upstream, lambda: self.manager.release(inst), name, headers)
+            return RelayResponse(
+                upstream,
+                name,
+                headers,
+                on_close=lambda: self.manager.release(inst),
+                on_broken=lambda: self.manager.engine_failed(inst),
+            )
         try:
             content = await upstream.read()
         except UpstreamError as exc:

@@ -12,6 +12,8 @@ parsing the responses, and does only what that hop needs:
   engine did not ask to close it; idle connections the engine closes leave the pool at once;
 - a request on a pooled connection that the engine closed while it was idle (no byte of a
   response came back) is sent once more on a fresh connection;
+- `Response.pipe` hands the body to a callable from the connection's own read callback, with
+  no task switch per piece: the proxy's short cut for streams (see `direct_body`);
 - closing a response before its end closes its connection: that is how an engine learns that
   nobody wants the rest of a generation;
 - `Pool.aclose` closes every connection, so an engine that is being stopped does not wait for
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import cast
 
 import httptools
@@ -63,7 +65,10 @@ class Response:
     """An engine's response: `status` and `headers` (as sent, raw), then the body through
     `async for chunk in response` or `await response.read()`. `aclose()` is always safe."""
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_waiter", "headers", "status")
+    __slots__ = (
+        "_buffered", "_chunks", "_conn", "_done", "_error", "_sink", "_sink_error", "_sink_full", "_waiter",
+        "headers", "status",
+    )
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
@@ -74,6 +79,9 @@ class Response:
         self._done = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], bool] | None = None
+        self._sink_full = False
+        self._sink_error: Exception | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower case), or None."""
@@ -114,6 +122,47 @@ class Response:
         """The whole body."""
         return b"".join([chunk async for chunk in self])
 
+    async def pipe(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[object]]) -> None:
+        """Hand the rest of the body to `sink`, each piece as it is read, and return at its end.
+
+        `sink` is called from the connection's read callback, so it must not block or raise.
+        It returns False when its consumer cannot take more for now: reading then pauses until
+        `await drain()` returns. Raises UpstreamError if the engine breaks off the reply."""
+        assert self._sink is None, "the body is already being piped"
+        if self._chunks:  # read before the pipe began
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            if not sink(data):
+                self._sink_full = True  # drained below, before reading resumes
+            elif self._conn is not None:
+                self._conn.resume_reading()  # a no-op unless the buffered pieces had paused it
+        self._sink = sink
+        try:
+            while True:
+                if self._sink_error is not None:
+                    raise self._sink_error
+                if self._done:
+                    self._release()
+                    return
+                if self._error is not None:
+                    raise self._error
+                if self._sink_full:
+                    await drain()
+                    self._sink_full = False
+                    if self._conn is not None:
+                        self._conn.resume_reading()
+                    continue
+                conn = self._conn
+                assert conn is not None
+                self._waiter = conn.loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        finally:
+            self._sink = None
+
     async def aclose(self) -> None:
         """Done with this response. Before its end, this closes the connection, which tells
         the engine to stop; after it, the connection went back to the pool already."""
@@ -132,6 +181,18 @@ class Response:
             waiter.set_result(None)
 
     def _body(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            try:
+                more = sink(data)
+            except Exception as exc:  # not raised into the event loop's callback: the pipe re-raises it
+                self._sink, self._sink_error, more = None, exc, False
+            if not more:
+                self._sink_full = True
+                if self._conn is not None:
+                    self._conn.pause_reading()
+                self._wake()
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered >= READ_HIGH_WATER and self._conn is not None:

@@ -42,6 +42,7 @@ class FakeManager:
         self.in_flight = 0
         self.acquired = 0
         self.acquire_error: LlmdError | None = None
+        self.failures: list[str] = []  # names of the models reported as failed, in order
 
     def resolve(self, model: str) -> FakeProfile:
         profile = self.profiles.profiles.get(model)
@@ -63,7 +64,7 @@ class FakeManager:
         self.in_flight -= 1
 
     def engine_failed(self, inst: FakeInstance) -> None:
-        pass
+        self.failures.append(inst.name)
 
 
 @dataclass

@@ -316,3 +316,125 @@ async def test_cancelled_request_closes_its_connection(serve) -> None:  # type: 
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(pool.request("POST", "/x", HEADERS, b"{}"), 0.2)
     assert pool.open_connections == 0 and pool.idle_connections == 0
+
+
+async def test_pipe_hands_each_piece_on_from_the_read_callback(serve) -> None:  # type: ignore[no-untyped-def]
+    first_seen = asyncio.Event()
+
+    async def stream(conn: int, n: int, received: Received, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(b"b\r\ndata: one\n\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(first_seen.wait(), 5)  # the next chunk only once the first was handed on
+        writer.write(b"b\r\ndata: two\n\n\r\n0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    engine = await serve(stream)
+    pool = Pool("127.0.0.1", engine.port)
+    response = await pool.request("POST", "/v1/chat/completions", HEADERS, b"{}")
+    pieces: list[bytes] = []
+    in_task: list[bool] = []
+
+    def sink(data: bytes) -> bool:
+        pieces.append(data)
+        in_task.append(asyncio.current_task() is not None)
+        first_seen.set()
+        return True
+
+    async def never_drained() -> None:
+        raise AssertionError("the sink never asked to wait")
+
+    await asyncio.wait_for(response.pipe(sink, never_drained), 5)
+    assert pieces == [b"data: one\n\n", b"data: two\n\n"]
+    assert in_task[-1] is False  # called from the connection's read callback, not from a task
+    assert response.complete and pool.idle_connections == 1
+    await pool.aclose()
+
+
+async def test_pipe_pauses_reading_while_the_sink_is_full(serve) -> None:  # type: ignore[no-untyped-def]
+    piece = b"data: " + b"x" * 16_000 + b"\n\n"
+    total = 1600  # about 26 MB: several times what loopback socket buffers hold with reading paused
+    written = 0
+
+    async def flood(conn: int, n: int, received: Received, writer: asyncio.StreamWriter) -> bool:
+        nonlocal written
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(total):
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+            written += 1
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    engine = await serve(flood)
+    pool = Pool("127.0.0.1", engine.port)
+    response = await pool.request("POST", "/x", HEADERS, b"{}")
+    received = bytearray()
+    drains = 0
+    drained = asyncio.Event()
+
+    async def drain() -> None:
+        nonlocal drains
+        drains += 1
+        await drained.wait()
+
+    def sink(data: bytes) -> bool:
+        received.extend(data)
+        # Takes the first megabyte, then is full until the test lets the drain through.
+        return len(received) < 1_000_000 or drained.is_set()
+
+    piping = asyncio.create_task(response.pipe(sink, drain))
+    await asyncio.sleep(0.5)
+    assert drains == 1 and written < total // 2, "the engine kept writing while the sink was full"
+    drained.set()
+    await asyncio.wait_for(piping, 10)
+    assert written == total and bytes(received) == piece * total
+    await pool.aclose()
+
+
+async def test_pipe_raises_when_the_engine_breaks_off(serve) -> None:  # type: ignore[no-untyped-def]
+    async def dies(conn: int, n: int, received: Received, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nb\r\ndata: one\n\n\r\n")
+        await writer.drain()
+        return False
+
+    engine = await serve(dies)
+    pool = Pool("127.0.0.1", engine.port)
+    response = await pool.request("POST", "/x", HEADERS, b"{}")
+    pieces: list[bytes] = []
+    with pytest.raises(UpstreamError, match="before the end"):
+        await asyncio.wait_for(response.pipe(lambda data: pieces.append(data) is None, asyncio.sleep), 5)
+    assert pieces == [b"data: one\n\n"]
+    await response.aclose()
+    assert pool.open_connections == 0
+
+
+async def test_pipe_passes_on_what_was_read_before_it_began_and_a_failing_sink_ends_it(serve) -> None:  # type: ignore[no-untyped-def]
+    async def two_then_more(conn: int, n: int, received: Received, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nb\r\ndata: one\n\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"b\r\ndata: two\n\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(30)
+        return False
+
+    engine = await serve(two_then_more)
+    pool = Pool("127.0.0.1", engine.port)
+    response = await pool.request("POST", "/x", HEADERS, b"{}")
+    await asyncio.sleep(0.1)  # the first piece is read before anyone pipes it
+    pieces: list[bytes] = []
+
+    def sink(data: bytes) -> bool:
+        pieces.append(data)
+        if len(pieces) == 2:
+            raise RuntimeError("sink broke")
+        return True
+
+    with pytest.raises(RuntimeError, match="sink broke"):
+        await asyncio.wait_for(response.pipe(sink, asyncio.sleep), 5)
+    assert pieces == [b"data: one\n\n", b"data: two\n\n"]
+    await response.aclose()  # the reply was not read to its end: its connection is closed
+    assert pool.open_connections == 0 and pool.idle_connections == 0

@@ -1,0 +1,223 @@
+"""Relayed streams written straight from the engine's socket to the client's (`direct_body`):
+the real proxy app under the daemon's own uvicorn server, in front of a scripted engine, with
+clients on real sockets. The framing, the body taps, back-pressure from a slow client, and a
+client that leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import httptools
+import httpx
+import pytest
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llmd.daemon.direct_body import BODY_TAP_KEY, direct_writer
+from llmd.daemon.main import _server
+from llmd.daemon.proxy import Proxy, build_proxy_app
+from tests.support import FakeManager
+
+pytestmark = pytest.mark.anyio
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+REQUEST = json.dumps({"model": "tiny", "stream": True}).encode()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def dechunked(reply: bytes) -> bytes:
+    """The body of one whole HTTP response, its framing checked and taken off."""
+    body = bytearray()
+    ended = []
+    parser = httptools.HttpResponseParser(
+        SimpleNamespace(on_body=body.extend, on_message_complete=lambda: ended.append(True))
+    )
+    parser.feed_data(bytes(reply))
+    assert ended, "the reply did not end"
+    return bytes(body)
+
+
+Script = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class ScriptedEngine:
+    """A loopback engine that answers every request with `script`; what FakeManager connects to."""
+
+    script: Script
+    written: int = 0  # pieces the script has handed to the socket so far
+    manager: FakeManager | None = None  # the manager the proxy in front of it uses
+    closed_by_client: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def serve(self) -> int:
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:"))
+                    await reader.readexactly(length)
+                    await self.script(writer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                self.closed_by_client.set()
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(connection, "127.0.0.1", 0)
+        return int(server.sockets[0].getsockname()[1])
+
+
+class TapRecorder:
+    """Middleware that taps reply bodies the way the metrics do, and records what the proxy saw."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.tapped: list[bytes] = []
+        self.direct: list[bool] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[BODY_TAP_KEY] = self.tapped.append
+
+        async def watch(message: dict) -> None:  # type: ignore[type-arg]
+            await send(message)
+            if message["type"] == "http.response.start":
+                self.direct.append(direct_writer(scope) is not None)
+
+        await self.app(scope, receive, watch)
+
+
+@pytest.fixture
+async def proxy_for() -> AsyncIterator[Callable[[ScriptedEngine], Awaitable[tuple[int, TapRecorder]]]]:
+    servers = []
+
+    async def start(engine: ScriptedEngine) -> tuple[int, TapRecorder]:
+        engine.manager = FakeManager(engine)  # type: ignore[arg-type]
+        recorder = TapRecorder(build_proxy_app(Proxy(engine.manager)))  # type: ignore[arg-type]
+        server = _server(recorder, 1.0)
+        sock = socket.create_server(("127.0.0.1", 0))
+        task = asyncio.create_task(server.serve([sock]))
+        servers.append((server, task))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        return sock.getsockname()[1], recorder
+
+    yield start
+    for server, task in servers:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def three_events(writer: asyncio.StreamWriter) -> None:
+    writer.write(STREAM_HEAD)
+    for n in range(3):
+        writer.write(chunk(b'data: {"n": %d}\n\n' % n))
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    await writer.drain()
+
+
+async def test_a_stream_is_written_straight_to_the_client_in_valid_chunks(proxy_for) -> None:  # type: ignore[no-untyped-def]
+    port, recorder = await proxy_for(ScriptedEngine(three_events))
+    expected = b'data: {"n": 0}\n\ndata: {"n": 1}\n\ndata: {"n": 2}\n\ndata: [DONE]\n\n'
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        for _ in range(2):  # twice on one keep-alive connection: the first reply ended properly
+            async with client.stream("POST", "/v1/chat/completions", content=REQUEST) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"] == "text/event-stream"
+                assert b"".join([piece async for piece in response.aiter_raw()]) == expected
+    assert recorder.direct == [True, True]
+    assert b"".join(recorder.tapped) == expected * 2  # the taps saw every piece written past `send`
+
+
+async def test_without_uvicorn_the_relay_goes_through_send() -> None:
+    engine = ScriptedEngine(three_events)
+    recorder = TapRecorder(build_proxy_app(Proxy(FakeManager(engine))))  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=recorder)
+    async with httpx.AsyncClient(transport=transport, base_url="http://llmd") as client:
+        response = await client.post("/v1/chat/completions", content=REQUEST)
+    assert response.content.endswith(b"data: [DONE]\n\n")
+    assert recorder.direct == [False] and recorder.tapped == []
+
+
+async def test_a_slow_client_holds_the_engine_back(proxy_for) -> None:  # type: ignore[no-untyped-def]
+    piece = b"data: " + b"x" * 16_000 + b"\n\n"
+    total = 1600  # about 26 MB: several times what the socket buffers between here and there hold
+
+    async def flood(writer: asyncio.StreamWriter) -> None:
+        writer.write(STREAM_HEAD)
+        for _ in range(total):
+            writer.write(chunk(piece))
+            await writer.drain()
+            engine.written += 1
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    engine = ScriptedEngine(flood)
+    port, recorder = await proxy_for(engine)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, ("127.0.0.1", port))
+    await loop.sock_sendall(client, b"POST /v1/chat/completions HTTP/1.1\r\nhost: llmd\r\ncontent-length: %d\r\n\r\n%b"
+                            % (len(REQUEST), REQUEST))
+    await asyncio.sleep(1.0)  # the client reads nothing meanwhile
+    assert 0 < engine.written < total // 2, f"the engine wrote {engine.written} of {total} pieces to a client that read none"
+    received = bytearray()
+    while not received.endswith(b"\r\n0\r\n\r\n"):
+        data = await asyncio.wait_for(loop.sock_recv(client, 1 << 20), 10)
+        assert data, "the proxy closed the connection before the end of the reply"
+        received += data
+    client.close()
+    assert engine.written == total
+    assert dechunked(received) == piece * total
+    assert recorder.direct == [True]
+
+
+async def test_a_client_that_leaves_mid_stream_closes_the_engine_connection(proxy_for) -> None:  # type: ignore[no-untyped-def]
+    async def endless(writer: asyncio.StreamWriter) -> None:
+        writer.write(STREAM_HEAD)
+        while True:
+            writer.write(chunk(b'data: {"token": "x"}\n\n'))
+            await writer.drain()
+            await asyncio.sleep(0.005)
+
+    engine = ScriptedEngine(endless)
+    port, recorder = await proxy_for(engine)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        async with client.stream("POST", "/v1/chat/completions", content=REQUEST) as response:
+            async for _ in response.aiter_raw():
+                break
+    await asyncio.wait_for(engine.closed_by_client.wait(), 5)
+    assert recorder.direct == [True]
+
+
+async def test_an_engine_that_breaks_off_a_stream_gets_an_error_event_and_a_health_check(proxy_for) -> None:  # type: ignore[no-untyped-def]
+    async def dies(writer: asyncio.StreamWriter) -> None:
+        writer.write(STREAM_HEAD + chunk(b'data: {"n": 0}\n\n'))
+        await writer.drain()
+        writer.transport.abort()
+        raise ConnectionError("the engine died")
+
+    engine = ScriptedEngine(dies)
+    port, recorder = await proxy_for(engine)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        response = await client.post("/v1/chat/completions", content=REQUEST)
+    events = response.content.split(b"\n\n")
+    assert events[0] == b'data: {"n": 0}'
+    assert json.loads(events[1].removeprefix(b"data: "))["error"]["message"] == "engine for 'tiny' broke off the stream"
+    assert engine.manager is not None
+    assert engine.manager.failures == ["tiny"] and engine.manager.in_flight == 0
