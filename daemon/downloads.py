@@ -51,6 +51,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, get_token
 from huggingface_hub.utils import tqdm as hf_tqdm
 
+from .atomic_write import write_atomic
 from .errors import LlmdError
 from .profiles import ModelSource
 
@@ -557,10 +558,7 @@ class _Job:
         try:
             if ref.is_file() and ref.read_text() == commit:
                 return
-            ref.parent.mkdir(parents=True, exist_ok=True)
-            staged = ref.with_name(f".{ref.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            staged.write_text(commit)
-            os.replace(staged, ref)
+            write_atomic(ref, commit)
         except OSError as exc:
             log.warning("could not record %s -> %s in %s: %s", self.revision, commit, ref, exc)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 
+from .atomic_write import write_json_atomic
 from .supervisor import OWNER_ENV, EngineProcess
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,7 @@ class PidLedger:
             self._write()
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._entries, indent=1))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self._entries, indent=1)
 
     def reap_leftovers(self, owner: str) -> list[str]:
         """Stop every engine a previous run left: those in the ledger (still the same process,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic_write import write_json_atomic
 from .errors import LlmdError
 from .estimate import Estimate, estimate_profile
 from .gpus import GpuInfo, Inventory, SimulatedInventory, measure_pids_vram, open_inventory
@@ -74,10 +74,7 @@ class MeasurementStore:
 
     def record(self, name: str, measurement: Measurement) -> None:
         self._data[name] = measurement
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k: v.__dict__ for k, v in self._data.items()}, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, {k: v.__dict__ for k, v in self._data.items()}, indent=1, sort_keys=True)
 
 
 class Planner:
@@ -96,21 +93,28 @@ class Planner:
         return self.inventory.snapshot()
 
     def estimate(self, profile: Profile, model_path: Path) -> Estimate:
-        """The estimate for this profile, read from the model's headers once per file and settings."""
-        key = _fingerprint(profile, model_path)
+        """The estimate for this profile, read from the model's headers once per file and settings.
+
+        Launches get theirs here too (`LaunchRequest.estimator`), so a driver sizing the
+        engine's caches uses the numbers the scheduler planned with, without reading the file
+        again. A changed model file or launch setting changes the fingerprint: read anew."""
+        return self._estimate(profile, model_path, _fingerprint(profile, model_path))
+
+    def _estimate(self, profile: Profile, model_path: Path, fingerprint: str) -> Estimate:
         cached = self._estimates.get(profile.name)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == fingerprint:
             return cached[1]
         estimate = estimate_profile(profile, model_path)
-        self._estimates[profile.name] = (key, estimate)
+        self._estimates[profile.name] = (fingerprint, estimate)
         return estimate
 
     def need(self, profile: Profile, model_path: Path) -> tuple[ModelNeed, Estimate | None, str]:
         """What the scheduler should reserve, and where the number came from."""
         if profile.placement.vram_mib is not None:
             return need_for_profile(profile, None), None, "placement.vram_mib in the profile"
-        estimate = self.estimate(profile, model_path)
-        learned = self.measurements.get(profile.name, _fingerprint(profile, model_path))
+        fingerprint = _fingerprint(profile, model_path)  # one stat of the model file per plan
+        estimate = self._estimate(profile, model_path, fingerprint)
+        learned = self.measurements.get(profile.name, fingerprint)
         if learned is not None and learned.total_mib > 0:
             need = ModelNeed.fixed(
                 profile.name,
@@ -160,11 +164,12 @@ class Planner:
         used = {index: mib for index, mib in self.usage_of(pids).items() if mib > 0}
         if not used:
             return None
+        fingerprint = _fingerprint(profile, model_path)
         try:
-            estimate_mib = self.estimate(profile, model_path).gpu_total_mib(len(used))
+            estimate_mib = self._estimate(profile, model_path, fingerprint).gpu_total_mib(len(used))
         except (LlmdError, ValueError, OSError):
             estimate_mib = 0
-        measurement = Measurement(_fingerprint(profile, model_path), used, estimate_mib, time.time())
+        measurement = Measurement(fingerprint, used, estimate_mib, time.time())
         self.measurements.record(profile.name, measurement)
         log.info("%s uses %s MiB per GPU (estimated %d MiB in all)", profile.name, used, estimate_mib)
         return measurement

@@ -8,7 +8,6 @@ with, so a profile written here is one the daemon accepts.
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import tomllib
@@ -19,6 +18,7 @@ from typing import Any
 
 import tomli_w
 
+from .atomic_write import write_atomic
 from .config import DaemonConfig
 from .errors import ConfigError, LlmdError
 from .profiles import Profile, ProfileSet, check_model_name, load_profile, load_profiles
@@ -164,8 +164,7 @@ def draft_from_hub(name: str, repo: str, engine: str | None, known: Sequence[str
     GGUF files mean llama-cpp, with the Q4_K_M file (or the closest quantisation) unless `file`
     names another; a config.json with safetensors weights means vLLM on the whole snapshot."""
     check_name(name)
-    if not _REPO_ID.match(repo):
-        raise ProfileUsageError(f"--from-hf {repo!r} is not a Hugging Face repo id; write it as owner/name")
+    _check_hub_repo(repo)
     commit, files = list_hub_files(repo, revision)
     ggufs = [f for f in files if f.path.lower().endswith(".gguf") and "mmproj" not in f.path.rsplit("/", 1)[-1].lower()]
     paths = {f.path for f in files}
@@ -206,6 +205,26 @@ def draft_from_hub(name: str, repo: str, engine: str | None, known: Sequence[str
         draft.hints.setdefault("model", []).append(
             ("revision", commit, "pin the commit listed when this was written (default: follow main)"))
     return draft
+
+
+def _check_hub_repo(repo: str) -> str:
+    """`repo` if the Hub would accept it as a repo id, else ProfileUsageError naming --from-hf.
+
+    Checked before the Hub is asked: its own refusal reads as advice for a profile file."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    why = "it must be owner/name, each part of letters, digits, '-', '_' and '.'"
+    if _REPO_ID.match(repo):
+        try:
+            validate_repo_id(repo)
+            return repo
+        except HFValidationError as exc:
+            why = str(exc).split(":", 1)[0].rstrip(".")  # the rule it breaks, without the value again
+    raise ProfileUsageError(
+        f"--from-hf {repo!r} is not a Hugging Face repo id: {why}. Give it as owner/name, as in the repo's "
+        "address on the Hub, e.g. --from-hf Qwen/Qwen3-0.6B-GGUF"
+    )
 
 
 def _engine_or_guess(engine: str | None, guessed: str | None, model: str, known: Sequence[str]) -> str:
@@ -389,24 +408,11 @@ def check_clashes(profile: Profile, target: Path, config: DaemonConfig, engines:
 
 def write(text: str, target: Path, force: bool) -> Path:
     """Write `text` to `target` in one step: a reader sees the old file or the new one, never half."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, scratch = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".partial")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if force:
-            os.replace(scratch, target)
-        else:
-            try:
-                os.link(scratch, target)  # fails if the name exists: no overwrite, even racing another writer
-            except FileExistsError:
-                raise ProfileExistsError(f"{target} exists already; pass --force to replace it") from None
-    finally:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
-    return target
+        # Without --force, never overwrite: not even a file another writer creates meanwhile.
+        return write_atomic(target, text, overwrite=force)
+    except FileExistsError:
+        raise ProfileExistsError(f"{target} exists already; pass --force to replace it") from None
 
 
 # ----- planning without the daemon -----

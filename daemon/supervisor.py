@@ -29,14 +29,20 @@ from .errors import EngineStartError
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# libc's prctl, looked up once here in the parent. The child runs `_die_with_parent` between
+# fork and exec, where loading a library (dlopen, malloc) can deadlock on a lock another
+# thread of the parent held at the fork; there it only makes the call.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+_prctl.restype = ctypes.c_int
+
 # Readiness is probed this often: fast enough that llmd adds next to nothing to a cold start.
 READY_POLL_SECONDS = 0.01
 LOG_TAIL_LINES = 20
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:

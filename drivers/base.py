@@ -6,6 +6,7 @@ Third-party drivers import these from `llmd.drivers.base`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -76,6 +77,9 @@ class LaunchRequest:
     # argv prefix from `[engines.NAME] command`, already resolved to an executable.
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    # Where `planned_estimate` gets the estimate: the daemon passes its planner's cache, which
+    # already holds the one the scheduler placed the model with. None: read the model's headers.
+    estimator: Callable[[Profile, Path], Estimate] | None = None
 
 
 def planned_estimate(request: LaunchRequest) -> Estimate | None:
@@ -90,9 +94,12 @@ def planned_estimate(request: LaunchRequest) -> Estimate | None:
     from llmd.daemon.estimate import estimate_profile
 
     profile = request.profile
-    launch = profile.launch.model_copy(update={"ctx": request.placement.ctx})
+    if profile.launch.ctx != request.placement.ctx:
+        launch = profile.launch.model_copy(update={"ctx": request.placement.ctx})
+        profile = profile.model_copy(update={"launch": launch})
+    estimator = request.estimator or estimate_profile
     try:
-        return estimate_profile(profile.model_copy(update={"launch": launch}), request.model_path)
+        return estimator(profile, request.model_path)
     except (LlmdError, OSError, ValueError) as exc:
         log.warning("%s: cannot estimate the model's memory (%s)", profile.name, exc)
         return None

@@ -95,3 +95,33 @@ def test_manager_waits_until_the_gpus_show_evicted_memory_released(tmp_path: Pat
 
     manager.planner.usage_of = lambda pids: {0: 900}  # type: ignore[method-assign]  (never released)
     assert anyio.run(manager.wait_released, {4242}) is False
+
+
+def test_a_launch_reuses_the_planned_estimate_until_the_model_file_changes(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from llmd.daemon import planner as planner_module
+    from llmd.drivers.base import LaunchRequest, planned_estimate
+
+    model = write_tiny_gguf(tmp_path / "m.gguf")
+    planner = Planner(None, tmp_path / "state", margin_mib=0)
+    planner.inventory = FakeNvml()
+    reads: list[Path] = []
+    stats: list[Path] = []
+    read_headers, fingerprint = planner_module.estimate_profile, planner_module._fingerprint
+    monkeypatch.setattr(planner_module, "estimate_profile", lambda p, path: reads.append(path) or read_headers(p, path))
+    monkeypatch.setattr(planner_module, "_fingerprint", lambda p, path: stats.append(path) or fingerprint(p, path))
+    profile = _profile(model)
+
+    result, _ = planner.place(profile, model, [])
+    assert isinstance(result, Plan)
+    assert (reads, stats) == ([model], [model])  # one header read, one fingerprint per plan
+
+    request = LaunchRequest(profile=profile, placement=result.placement, model_path=model, host="127.0.0.1", port=1,
+                            command=["engine"], estimator=planner.estimate)
+    planned = planned_estimate(request)
+    assert planned is not None and len(reads) == 1  # the launch took the planned estimate from the cache
+
+    later = model.stat().st_mtime + 60
+    os.utime(model, (later, later))  # the model file was replaced
+    assert planned_estimate(request) is not None and len(reads) == 2

@@ -1,0 +1,59 @@
+"""Engine processes die with the process that started them (PR_SET_PDEATHSIG)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+
+from conftest import wait_until
+
+# Starts `sleep` as an engine, with ctypes unable to load a library from then on: setting up
+# the child must only call prctl, which the parent looked up when it imported the supervisor.
+_SPAWNER = textwrap.dedent("""\
+    import ctypes
+    import sys
+    import time
+    from pathlib import Path
+
+    from llmd.daemon.supervisor import spawn_engine
+    from llmd.drivers.base import LaunchSpec
+
+    def no_library(*args, **kwargs):
+        raise AssertionError("a library was loaded between fork and exec")
+
+    ctypes.CDLL = no_library
+    engine = spawn_engine("sleeper", LaunchSpec(argv=["sleep", "120"], env={}), 0, Path(sys.argv[1]), owner=sys.argv[1])
+    print(engine.pid, flush=True)
+    time.sleep(120)
+""")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_an_engine_dies_with_its_parent(tmp_path: Path) -> None:
+    spawner = subprocess.Popen([sys.executable, "-c", _SPAWNER, str(tmp_path / "sleeper.log")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert spawner.stdout is not None
+        line = spawner.stdout.readline()
+        assert line.strip().isdigit(), spawner.stderr.read() if spawner.stderr else line
+        engine_pid = int(line)
+        assert not _gone(engine_pid)
+        os.kill(spawner.pid, signal.SIGKILL)
+        spawner.wait(timeout=10)
+        wait_until(lambda: _gone(engine_pid), timeout=5, what="the engine to die with its parent")
+    finally:
+        if spawner.poll() is None:
+            spawner.kill()
+        spawner.wait(timeout=10)
