@@ -16,12 +16,12 @@ from starlette.routing import Route
 
 from .bench_store import bench_headline, write_bench
 from .errors import LlmdError, UnknownModelError
+from .log_lines import DEFAULT_LOG_LINES, MAX_LOG_LINES
 from .manager import Manager
 from .reload import reload_profiles
 
 PROGRESS_SECONDS = 0.5
 FOLLOW_POLL_SECONDS = 0.25
-MAX_LOG_LINES = 10_000
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -89,13 +89,13 @@ class ManagementApi:
                     await job.done.wait()
                 if job.done.is_set():
                     break
-                last = self.manager.log_tail(name, 1) if inst.engine is not None else []
+                message, last_line = self.manager.load_report(inst)
                 yield _ndjson({
                     "event": "progress",
                     "model": name,
                     "elapsed_s": round(time.monotonic() - started, 1),
-                    "message": self.manager.progress_of(inst),
-                    "log": last[0] if last else "",
+                    "message": message,
+                    "log": last_line,
                 })
             if job.error is not None:
                 yield _ndjson({"event": "error", "model": name, "message": str(job.error)})
@@ -172,9 +172,12 @@ class ManagementApi:
     async def logs(self, request: Request) -> Response:
         name = self._model(request)
         try:
-            lines = min(MAX_LOG_LINES, max(0, int(request.query_params.get("lines", "50"))))
+            lines = int(request.query_params.get("lines", DEFAULT_LOG_LINES))
         except ValueError:
             return _error(400, "lines must be a whole number")
+        if lines < 0:
+            return _error(400, f"lines must be 0 or more (how many lines from the end of the log to send), not {lines}")
+        lines = min(lines, MAX_LOG_LINES)  # more than the limit gets the limit
         follow = request.query_params.get("follow") in ("1", "true", "yes")
         path = self.manager.log_path(name)
 

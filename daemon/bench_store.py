@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
+
+from .atomic_write import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,35 @@ def bench_headline(state_dir: Path, name: str) -> str | None:
     return headline if isinstance(headline, str) and headline else None
 
 
+class HeadlineCache:
+    """Bench headlines for a page that polls them every second or two: a file is read again only
+    when it changed on disk, so an unchanged result costs one stat.
+
+    A changed file is told by its inode, size and mtime; `write_bench` always puts a new inode
+    in place, so even a rewrite within the file system's timestamp granularity is seen."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[tuple[int, int, int], str | None]] = {}
+
+    def headline(self, state_dir: Path, name: str) -> str | None:
+        """`bench_headline(state_dir, name)`, read from disk only when the file changed."""
+        path = bench_path(state_dir, name)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._seen.pop(path, None)
+            return None
+        except OSError:
+            return bench_headline(state_dir, name)  # unreadable: let it log why, and cache nothing
+        version = (st.st_ino, st.st_size, st.st_mtime_ns)
+        seen = self._seen.get(path)
+        if seen is not None and seen[0] == version:
+            return seen[1]
+        headline = bench_headline(state_dir, name)
+        self._seen[path] = (version, headline)
+        return headline
+
+
 def write_bench(state_dir: Path, name: str, result: dict[str, Any]) -> Path:
     """Store `result` as the profile's latest bench, atomically: a reader never sees half a file."""
-    path = bench_path(state_dir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(bench_path(state_dir, name), result, indent=1, sort_keys=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ import click
 from .cli_client import EXIT_FAILED, daemon_for, fail
 from .cli_complete import complete_model_names
 from .cli_output import dash as _dash
-from .cli_output import echo_json, echo_plan
+from .cli_output import Progress, echo_json, echo_plan
 from .cli_output import table as _table
 from .durations import format_duration
+from .log_lines import DEFAULT_LOG_LINES, MAX_LOG_LINES
 from .profiles import check_model_name
 from .units import format_mib
 
@@ -56,28 +58,20 @@ def load(ctx: click.Context, name: str, old: str | None) -> None:
     _check_name(name)
     if old:
         _check_name(old)
-    daemon = daemon_for(ctx)
-    interactive = sys.stderr.isatty()
     params = {"replace": old} if old else {}
-    for line in daemon.stream_lines("POST", f"/v1/models/{name}/load", params=params):
-        if not line.strip():
-            continue
-        event = json.loads(line)
-        if event["event"] == "progress":
-            text = f"{name}: {event['message'] or 'loading'} ({event['elapsed_s']:.1f}s)"
-            if event.get("log"):
-                text += f"  | {event['log'][:100]}"
-            click.echo(("\r\x1b[2K" + text) if interactive else text, err=True, nl=not interactive)
-        elif event["event"] == "error":
-            if interactive:
-                click.echo(err=True)
-            fail(event["message"])
-        elif event["event"] == "ready":
-            if interactive:
-                click.echo("\r\x1b[2K", err=True, nl=False)
-            status = event["status"]
-            took = f" in {status['load_s']:.2f}s" if status.get("load_s") is not None else ""
-            click.echo(f"{name} is ready{took} (pid {status['pid']}, port {status['port']})")
+
+    def progress_text(event: dict[str, Any]) -> str:
+        text = f"{name}: {event['message'] or 'loading'} ({event['elapsed_s']:.1f}s)"
+        if event.get("log"):
+            text += f"  | {event['log'][:100]}"
+        return text
+
+    lines = daemon_for(ctx).stream_lines("POST", f"/v1/models/{name}/load", params=params)
+    ready = _follow_job(lines, "ready", progress_text)
+    if ready is not None:
+        status = ready["status"]
+        took = f" in {status['load_s']:.2f}s" if status.get("load_s") is not None else ""
+        click.echo(f"{name} is ready{took} (pid {status['pid']}, port {status['port']})")
 
 
 @main.command()
@@ -86,21 +80,31 @@ def load(ctx: click.Context, name: str, old: str | None) -> None:
 def pull(ctx: click.Context, name: str) -> None:
     """Download NAME's model files (Hugging Face) without loading it."""
     _check_name(name)
-    interactive = sys.stderr.isatty()
-    for line in daemon_for(ctx).stream_lines("POST", f"/v1/models/{name}/pull"):
+    lines = daemon_for(ctx).stream_lines("POST", f"/v1/models/{name}/pull")
+    if _follow_job(lines, "done", lambda event: event["message"]) is not None:
+        click.echo(f"{name}: model files are complete")
+
+
+def _follow_job(lines: Iterable[str], final: str, progress_text: Callable[[dict[str, Any]], str]) -> dict[str, Any] | None:
+    """Follow a job's NDJSON events (`POST .../load`, `.../pull`), showing each progress event's
+    `progress_text` (an empty one shows nothing), until the `final` event, which is returned.
+    An error event ends llmctl with exit code 1 and the daemon's message."""
+    progress = Progress()
+    for line in lines:
         if not line.strip():
             continue
         event = json.loads(line)
-        if event["event"] == "progress" and event["message"]:
-            click.echo(("\r\x1b[2K" + event["message"]) if interactive else event["message"], err=True, nl=not interactive)
+        if event["event"] == "progress":
+            text = progress_text(event)
+            if text:
+                progress(text)
         elif event["event"] == "error":
-            if interactive:
-                click.echo(err=True)
+            progress.keep()
             fail(event["message"])
-        elif event["event"] == "done":
-            if interactive:
-                click.echo("\r\x1b[2K", err=True, nl=False)
-            click.echo(f"{name}: model files are complete")
+        elif event["event"] == final:
+            progress.clear()
+            return event
+    return None
 
 
 @main.command()
@@ -224,7 +228,8 @@ def list_profiles(ctx: click.Context, as_json: bool) -> None:
 @main.command()
 @click.argument("name", shell_complete=complete_model_names)
 @click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
-@click.option("-n", "--lines", default=50, show_default=True, help="how many lines of the end to show")
+@click.option("-n", "--lines", type=click.IntRange(0, MAX_LOG_LINES), default=DEFAULT_LOG_LINES, show_default=True,
+              help="how many lines of the end to show")
 @click.pass_context
 def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
     """Print NAME's engine log."""

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import anyio
 import click
 from llmd.drivers.registry import load_drivers
 
 from .cli_client import cli_config, fail, root_options
+from .cli_output import Progress
 from .doctor import (
     CheckResult,
+    FoundEngine,
     User,
     check_engine,
     check_gpus,
@@ -20,7 +21,6 @@ from .doctor import (
     check_socket,
     check_state_dir,
     daemon_user,
-    engine_installed,
     profiles_by_engine,
     smoke_engine,
 )
@@ -39,25 +39,6 @@ def _echo(result: CheckResult) -> None:
         click.echo(f"        {line}")
     if result.fix and result.status != "ok":
         click.echo(f"        fix: {result.fix}")
-
-
-class _Progress:
-    """Progress on stderr: rewritten in place on a terminal, an occasional line otherwise."""
-
-    def __init__(self) -> None:
-        self.interactive = sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, message: str) -> None:
-        if self.interactive:
-            click.echo("\r\x1b[2K" + message[: click.get_terminal_size()[0] - 1], err=True, nl=False)
-        elif time.monotonic() - self.last >= _QUIET_PROGRESS_SECONDS:
-            self.last = time.monotonic()
-            click.echo(message, err=True)
-
-    def done(self) -> None:
-        if self.interactive:
-            click.echo("\r\x1b[2K", err=True, nl=False)
 
 
 @click.command()
@@ -84,7 +65,7 @@ def doctor(ctx: click.Context, engines: tuple[str, ...], no_smoke: bool, user_na
         user = daemon_user(socket_path, user_name)
     except LookupError as exc:
         raise click.BadParameter(f"{exc}; name the account llmd runs as (e.g. llmd)", param_hint="--user") from None
-    selected = [drivers[name] for name in (engines or sorted(drivers))]
+    selected = [FoundEngine.look_up(config, drivers[name]) for name in (engines or sorted(drivers))]
     profiles = load_profiles(config.server.profile_dirs, set(drivers), config.server.model_dirs)
     used = profiles_by_engine(profiles)
     report = _echo if not as_json else (lambda result: None)
@@ -97,8 +78,8 @@ def doctor(ctx: click.Context, engines: tuple[str, ...], no_smoke: bool, user_na
 
     gpu_result, gpu_count = check_gpus(config)
     add(gpu_result)
-    for driver in selected:
-        add(check_engine(config, driver, used.get(driver.name, []), gpu_count))
+    for found in selected:
+        add(check_engine(config, found, used.get(found.driver.name, []), gpu_count))
     for result in check_state_dir(config, user):
         add(result)
     add(check_socket(socket_path, User.current()))
@@ -106,16 +87,16 @@ def doctor(ctx: click.Context, engines: tuple[str, ...], no_smoke: bool, user_na
     if config.server.management_listen:
         add(check_port("[server] management_listen", config.server.management_listen, "/v1/ps"))
     if not no_smoke:
-        progress = _Progress()
-        for driver in selected:
-            if not engine_installed(config, driver):
+        progress = Progress(every=_QUIET_PROGRESS_SECONDS)
+        for found in selected:
+            if found.command is None:
                 continue  # its engine check already says how to install it
             try:
-                result = anyio.run(smoke_engine, config, driver, progress)
+                result = anyio.run(smoke_engine, config, found, progress)
             except KeyboardInterrupt:
-                progress.done()
+                progress.clear()
                 fail("interrupted; the smoke test's engine was stopped", 130)
-            progress.done()
+            progress.clear()
             add(result)
 
     failed = sum(r.status == "fail" for r in results)

@@ -9,26 +9,23 @@ import click
 
 from .cli_client import cli_config, fail
 from .cli_output import echo_json, table
+from .engines import INSTALLABLE_ENGINES
 from .errors import LlmdError
-
-INSTALLERS = ("llama-cpp", "fastllm", "vllm")
 
 # What each engine can run on, for the listing's "usable here" column.
 _GPU_ONLY_FLAVOUR = "cuda"
 
 
-def _engines_dir(ctx: click.Context) -> Path:
-    return cli_config(ctx).server.engines_dir
-
-
-def _host_gpus() -> tuple[int, str]:
-    """(number of NVIDIA GPUs, the inventory's note) for this host, never failing."""
+def _host_gpus(simulate: Path | None) -> tuple[int, str]:
+    """(number of GPUs, the inventory's note) as the daemon would see them: the `[gpus] simulate`
+    snapshot when one is set, else NVML. Raises ConfigError for a bad snapshot, as the daemon
+    does; a driver hiccup while reading real cards counts as no GPU, and never breaks a listing."""
     from .gpus import open_inventory
 
-    inventory = open_inventory(None)
+    inventory = open_inventory(simulate)
     try:
         count = len(inventory.snapshot())
-    except Exception:  # a driver hiccup must not break a listing
+    except Exception:  # noqa: BLE001  (an NVML error: report no GPU rather than fail)
         count = 0
     return count, inventory.note
 
@@ -49,10 +46,11 @@ def engines(ctx: click.Context, as_json: bool) -> None:
     from .provision import list_installed
 
     try:
-        installed = list_installed(_engines_dir(ctx))
+        config = cli_config(ctx)
+        installed = list_installed(config.server.engines_dir)
+        gpus, note = _host_gpus(config.gpus.simulate)
     except LlmdError as exc:
         fail(str(exc))
-    gpus, note = _host_gpus()
     rows: list[dict[str, Any]] = [
         {
             "engine": e.engine,
@@ -68,7 +66,7 @@ def engines(ctx: click.Context, as_json: bool) -> None:
     available = [
         {"engine": name, "flavours": ["cpu", "cuda"] if gpus else ["cpu"],
          "installed": any(r["engine"] == name for r in rows)}
-        for name in INSTALLERS
+        for name in INSTALLABLE_ENGINES
     ]
     if as_json:
         echo_json({"host": {"gpus": gpus, "note": note}, "installed": rows, "available": available})
@@ -94,7 +92,7 @@ def engines(ctx: click.Context, as_json: bool) -> None:
 
 
 @engines.command()
-@click.argument("engine", type=click.Choice(INSTALLERS))
+@click.argument("engine", type=click.Choice(INSTALLABLE_ENGINES))
 @click.option("--cuda", is_flag=True, help="install the CUDA build (llama-cpp: needs the CUDA toolkit)")
 @click.pass_context
 def install(ctx: click.Context, engine: str, cuda: bool) -> None:
@@ -106,7 +104,7 @@ def install(ctx: click.Context, engine: str, cuda: bool) -> None:
         click.echo(message, err=True)
 
     try:
-        engines_dir = _engines_dir(ctx)
+        engines_dir = cli_config(ctx).server.engines_dir
         if engine == "llama-cpp":
             click.echo(str(install_llama_cpp(engines_dir, cuda=cuda, progress=progress)))
         else:

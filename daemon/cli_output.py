@@ -1,8 +1,12 @@
-"""How `llmctl` prints: aligned tables with human units for people, raw JSON for scripts."""
+"""How `llmctl` prints: aligned tables with human units for people, raw JSON for scripts, and
+progress on stderr while something runs."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+import time
 from typing import Any
 
 import click
@@ -19,6 +23,39 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
 
 def dash(value: Any) -> str:
     return "-" if value is None or value == [] or value == "" else str(value)
+
+
+# Carriage return, then erase the line: the next progress text replaces the last.
+_REWRITE = "\r\x1b[2K"
+
+
+class Progress:
+    """Progress on stderr. On a terminal one line, rewritten in place and cut to the terminal's
+    width (a wrapped line could not be erased); otherwise a plain line per message, at most one
+    per `every` seconds, so that a log is not flooded."""
+
+    def __init__(self, every: float = 0.0) -> None:
+        self.interactive = sys.stderr.isatty()
+        self.every = every
+        self._printed_at: float | None = None
+
+    def __call__(self, message: str) -> None:
+        if self.interactive:
+            width = shutil.get_terminal_size().columns
+            click.echo(_REWRITE + message[: max(width - 1, 1)], err=True, nl=False)
+        elif self._printed_at is None or time.monotonic() - self._printed_at >= self.every:
+            self._printed_at = time.monotonic()
+            click.echo(message, err=True)
+
+    def clear(self) -> None:
+        """Erase the progress line, before the result is printed."""
+        if self.interactive:
+            click.echo(_REWRITE, err=True, nl=False)
+
+    def keep(self) -> None:
+        """End the progress line, leaving it on screen above the error that follows."""
+        if self.interactive:
+            click.echo(err=True)
 
 
 def echo_json(value: Any) -> None:

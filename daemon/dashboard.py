@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from .bench_store import bench_headline
+from .bench_store import HeadlineCache
 from .dashboard_auth import DASHBOARD_PATH, LOGIN_PATH, TOKEN_CHECK, TokenCheck, login_cookie, logout_cookie
 from .manager import Manager
 from .units import format_mib
@@ -81,8 +81,9 @@ def gpu_views(report: dict[str, Any]) -> list[dict[str, Any]]:
     return cards
 
 
-def profile_views(manager: Manager) -> list[dict[str, Any]]:
-    """Every profile, valid or not, with its model's state as `llmctl ps` reports it."""
+def profile_views(manager: Manager, headlines: HeadlineCache) -> list[dict[str, Any]]:
+    """Every profile, valid or not, with its model's state as `llmctl ps` reports it and its
+    last bench headline."""
     running = {row["model"]: row for row in manager.status()}
     found = manager.profiles
     state_dir = manager.config.server.state_dir
@@ -98,7 +99,7 @@ def profile_views(manager: Manager) -> list[dict[str, Any]]:
             "error": row.get("error"),
             "gpus": row.get("gpus", []),
             "vram_mib": row.get("vram_mib", 0),
-            "bench": bench_headline(state_dir, name),
+            "bench": headlines.headline(state_dir, name),
             "invalid": None,
         })
     for name, error in found.errors.items():
@@ -115,10 +116,12 @@ def _html(template: str, status_code: int = 200, **context: Any) -> HTMLResponse
 class Dashboard:
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
+        # The page polls its status every 1.5 s: read each bench result again only once it changed.
+        self.headlines = HeadlineCache()
 
     def _status_context(self) -> dict[str, Any]:
         report = self.manager.gpu_report()
-        return {"gpus": gpu_views(report), "note": report["note"], "profiles": profile_views(self.manager)}
+        return {"gpus": gpu_views(report), "note": report["note"], "profiles": profile_views(self.manager, self.headlines)}
 
     async def page(self, request: Request) -> Response:
         signed_in = TOKEN_CHECK in request.scope  # a login cookie, which "log out" can end

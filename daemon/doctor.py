@@ -28,13 +28,12 @@ import httpx
 from llmd.drivers.base import Driver, GpuShare, LaunchRequest, Placement, load_progress
 
 from .config import DaemonConfig, split_host_port
-from .engines import resolve_command
+from .engines import INSTALLABLE_ENGINES, resolve_command
 from .errors import AddressInUseError, ConfigError, EngineNotInstalledError, LlmdError
 from .gpus import CpuOnlyInventory, open_inventory
 from .listeners import bind_tcp
 from .profiles import Launch, ModelSource, Profile, ProfileSet
-from .provision import LLAMA_CPP, InstalledEngine, list_installed
-from .provision_venv import VENV_ENGINES
+from .provision import InstalledEngine, list_installed
 from .supervisor import EngineProcess, free_port, group_alive, spawn_engine
 from .tinymodel import write_tiny_gguf, write_tiny_hf_dir
 from .units import format_mib
@@ -42,7 +41,6 @@ from .units import format_mib
 Status = Literal["ok", "warn", "fail"]
 Progress = Callable[[str], None]
 
-BUILTIN_ENGINES = (LLAMA_CPP, *VENV_ENGINES)
 # The served name of the smoke test's model; also its LLMD_MODEL, so a leftover is recognisable.
 SMOKE_MODEL = "llmd-doctor-smoke"
 SMOKE_CTX = 512
@@ -174,41 +172,49 @@ def _driver_package(driver: Driver) -> str:
 
 
 def _install_fix(name: str) -> str:
-    if name in BUILTIN_ENGINES:
+    if name in INSTALLABLE_ENGINES:
         return f"run `llmctl engines install {name}` (add --cuda on a GPU host), or set [engines.{name}] command in llmd.toml"
     return f"install the program the {name!r} driver runs, or set [engines.{name}] command in llmd.toml"
 
 
-def check_engine(config: DaemonConfig, driver: Driver, used_by: list[str], gpu_count: int) -> CheckResult:
+@dataclass(frozen=True)
+class FoundEngine:
+    """An engine's command as one doctor run resolved it (once, for all its checks), or why
+    it was not found."""
+
+    driver: Driver
+    command: list[str] | None
+    missing: EngineNotInstalledError | None = None
+
+    @classmethod
+    def look_up(cls, config: DaemonConfig, driver: Driver) -> FoundEngine:
+        try:
+            return cls(driver, resolve_command(config, driver))
+        except EngineNotInstalledError as exc:
+            return cls(driver, None, exc)
+
+
+def check_engine(config: DaemonConfig, found: FoundEngine, used_by: list[str], gpu_count: int) -> CheckResult:
     """Whether the engine can be found, which version it is, and whether it suits this host."""
+    driver, command = found.driver, found.command
     label = f"engine {driver.name}"
-    try:
-        command = resolve_command(config, driver)
-    except EngineNotInstalledError as exc:
+    if command is None:
         if used_by:
-            return CheckResult(label, "fail", f"{exc} (profiles {', '.join(used_by)} use it)", _install_fix(driver.name))
-        return CheckResult(label, "warn", f"not installed, and no profile uses it: {exc}", _install_fix(driver.name))
+            return CheckResult(label, "fail", f"{found.missing} (profiles {', '.join(used_by)} use it)", _install_fix(driver.name))
+        return CheckResult(label, "warn", f"not installed, and no profile uses it: {found.missing}", _install_fix(driver.name))
     where = " ".join(command)
     installed = installed_engine(config, command)
-    if driver.name not in BUILTIN_ENGINES:
+    if driver.name not in INSTALLABLE_ENGINES:
         return CheckResult(label, "ok", f"third-party driver from {_driver_package(driver)}: {where}")
     if installed is None:
         return CheckResult(label, "ok", f"version unknown (not installed by `llmctl engines install`): {where}")
-    found = f"{installed.version} ({installed.flavour} build): {where}"
+    build = f"{installed.version} ({installed.flavour} build): {where}"
     if installed.flavour == "cuda" and not gpu_count:
         return CheckResult(
-            label, "warn", f"{found}; a CUDA build, but this host shows no NVIDIA GPU",
+            label, "warn", f"{build}; a CUDA build, but this host shows no NVIDIA GPU",
             f"run `llmctl engines install {driver.name}` for the CPU build",
         )
-    return CheckResult(label, "ok", found)
-
-
-def engine_installed(config: DaemonConfig, driver: Driver) -> bool:
-    try:
-        resolve_command(config, driver)
-    except EngineNotInstalledError:
-        return False
-    return True
+    return CheckResult(label, "ok", build)
 
 
 def profiles_by_engine(profiles: ProfileSet) -> dict[str, list[str]]:
@@ -516,20 +522,19 @@ def _smoke_failed(driver: Driver, error: LlmdError, engine: EngineProcess | None
     """A built-in engine that cannot answer is a failure; a third-party one only a warning, since
     it gets a GGUF model whether or not it reads that format."""
     detail = _failure_detail(error, engine)
-    if driver.name in BUILTIN_ENGINES:
+    if driver.name in INSTALLABLE_ENGINES:
         return CheckResult(f"smoke {driver.name}", "fail", detail,
                            f"see the log lines above; `llmctl engines install {driver.name}` reinstalls it")
     return CheckResult(f"smoke {driver.name}", "warn", detail,
                        "third-party engines are tried on a GGUF model, which this one may not read; try it with `llmctl load`")
 
 
-async def smoke_engine(config: DaemonConfig, driver: Driver, progress: Progress) -> CheckResult:
+async def smoke_engine(config: DaemonConfig, found: FoundEngine, progress: Progress) -> CheckResult:
     """Start the engine through its driver and the supervisor on a tiny generated model, send one
     chat, stop it, and remove the model and its log. Ctrl-C stops the engine too, then re-raises."""
+    driver, command = found.driver, found.command
     label = f"smoke {driver.name}"
-    try:
-        command = resolve_command(config, driver)
-    except EngineNotInstalledError:
+    if command is None:
         return CheckResult(label, "warn", "skipped: the engine is not installed", _install_fix(driver.name))
     root = Path(tempfile.mkdtemp(prefix="llmd-doctor-"))
     spawned: list[EngineProcess] = []

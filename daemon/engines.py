@@ -1,4 +1,4 @@
-"""Find the executable behind an engine's argv prefix."""
+"""The engines llmd can install, and finding the executable behind an engine's argv prefix."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ from llmd.drivers.base import Driver
 
 from .config import DaemonConfig
 from .errors import EngineNotInstalledError
+from .provision import LLAMA_CPP, find_installed_command
+from .provision_venv import VENV_ENGINES
+
+# What `llmctl engines install` installs; `llmctl engines`, doctor and the fixes they suggest
+# all go by this list. Other engines come from third-party drivers.
+INSTALLABLE_ENGINES = (LLAMA_CPP, *VENV_ENGINES)
 
 
 def resolve_command(config: DaemonConfig, driver: Driver) -> list[str]:
@@ -36,16 +42,11 @@ def resolve_command(config: DaemonConfig, driver: Driver) -> list[str]:
     if found:
         return [found, *command[1:]]
     if configured is None or command == list(driver.default_command):
-        from .provision import find_installed_command
-
         installed = find_installed_command(config.server.engines_dir, driver.name)
         if installed is not None:
             return installed
-    from .provision import LLAMA_CPP
-    from .provision_venv import VENV_ENGINES
-
     fixes = f"set [engines.{driver.name}] command in llmd.toml"
-    if driver.name == LLAMA_CPP or driver.name in VENV_ENGINES:
+    if driver.name in INSTALLABLE_ENGINES:
         fixes = f"run `llmctl engines install {driver.name}`, or {fixes}"
     raise EngineNotInstalledError(
         f"engine {driver.name!r}: {exe!r} is not on PATH and no installed copy is in "

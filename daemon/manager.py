@@ -60,6 +60,8 @@ PARKED_DEFAULT_MIB = GPU_OVERHEAD_MIB
 PARK_TIMEOUT = 120.0
 # Out of memory at load: halve the context and try again, down to this.
 MIN_CTX = 256
+# How much of the end of a loading engine's log is searched for its progress.
+PROGRESS_LOG_LINES = 5
 _OOM_MARKERS = ("out of memory", "failed to allocate", "cudamalloc failed", "outofmemoryerror", "cannot allocate memory")
 
 
@@ -482,6 +484,7 @@ class Manager:
             port=port,
             command=command,
             env=dict(self.config.engine(driver.name).env),
+            estimator=self.planner.estimate,  # the estimate just planned with, from its cache
         )
         spec = driver.launch(request)
         engine = spawn_engine(profile.name, spec, port, self._log_path(profile.name), str(self.config.server.state_dir))
@@ -1002,15 +1005,26 @@ class Manager:
             )
         return rows
 
-    def progress_of(self, inst: Instance) -> str:
-        """What the model is doing now; while its engine loads, what the engine's log says of it."""
+    def progress_of(self, inst: Instance, log_tail: list[str] | None = None) -> str:
+        """What the model is doing now; while its engine loads, what the engine's log says of it.
+
+        `log_tail`: the end of the engine's log when the caller has just read it, so that it is
+        not read again."""
         if inst.state is State.STARTING and inst.engine is not None and inst.parked is None:
             driver = self.drivers.get(inst.profile.engine)
-            for line in reversed(inst.engine.log_tail(5)) if driver is not None else ():
-                said = load_progress(driver, line)
-                if said:
-                    return f"{inst.progress}: {said}"
+            if driver is not None:
+                lines = log_tail if log_tail is not None else inst.engine.log_tail(PROGRESS_LOG_LINES)
+                for line in reversed(lines[-PROGRESS_LOG_LINES:]):
+                    said = load_progress(driver, line)
+                    if said:
+                        return f"{inst.progress}: {said}"
         return inst.progress
+
+    def load_report(self, inst: Instance) -> tuple[str, str]:
+        """(what the model is doing, the last line of its engine's log) for a load's progress
+        events, from one read of the log."""
+        tail = inst.engine.log_tail(PROGRESS_LOG_LINES) if inst.engine is not None else []
+        return self.progress_of(inst, tail), (tail[-1] if tail else "")
 
     def plan_preview(self, name: str) -> dict[str, Any]:
         """What loading `name` now would do, without doing it: for `llmctl plan`."""

@@ -161,6 +161,54 @@ def test_exit_2_for_bad_usage(files_only: dict[str, str]) -> None:
     assert run_llmctl("unload", env=files_only).returncode == 2  # neither NAME nor --all
 
 
+@pytest.mark.parametrize("lines", ["-5", "10001"])
+def test_logs_refuses_a_line_count_outside_the_limit(files_only: dict[str, str], lines: str) -> None:
+    result = run_llmctl("logs", "tiny", "-n", lines, env=files_only)
+    assert result.returncode == 2  # refused before the daemon is asked (there is none here: that would be 3)
+    assert f"'-n' / '--lines': {lines} is not in the range 0<=x<=10000" in result.stderr
+
+
+def test_the_logs_route_refuses_a_negative_line_count(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from llmd.daemon.api import build_api_app
+    from llmd.daemon.config import DaemonConfig
+    from llmd.daemon.manager import Manager
+    from llmd.daemon.profiles import Profile, ProfileSet
+    from llmd.drivers.registry import load_drivers
+
+    profile = Profile.model_validate({"engine": "llama-cpp", "model": {"path": str(tmp_path / "m.gguf")}})
+    profile.name = "tiny"
+    profiles = ProfileSet()
+    profiles.profiles["tiny"] = profile
+    config = DaemonConfig.model_validate({"server": {"state_dir": str(tmp_path / "state")}})
+    log = tmp_path / "state" / "logs" / "tiny.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(f"line {i}\n" for i in range(5)))
+    with TestClient(build_api_app(Manager(config, load_drivers(), profiles))) as client:
+        refused = client.get("/v1/models/tiny/logs", params={"lines": "-5"})
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "lines must be 0 or more (how many lines from the end of the log to send), not -5"
+        tail = client.get("/v1/models/tiny/logs", params={"lines": "2"})
+        assert tail.status_code == 200 and tail.text == "line 3\nline 4\n"
+
+
+def test_engines_sees_the_simulated_gpus_the_daemon_would(tmp_path: Path) -> None:
+    snapshot = tmp_path / "gpus.json"
+    snapshot.write_text(json.dumps({"gpus": [{"name": "SimCard", "total_mib": 24000, "free_mib": 24000}] * 2}))
+    config = write_client_config(tmp_path, tmp_path / "absent.sock", tmp_path)
+    config.write_text(config.read_text() + f'[gpus]\nsimulate = "{snapshot}"\n')
+    listing = json.loads(run_llmctl("--config", str(config), "engines", "--json").stdout)
+    assert listing["host"] == {"gpus": 2, "note": f"simulated from {snapshot}"}
+    assert [(a["engine"], a["flavours"]) for a in listing["available"]] == [
+        ("llama-cpp", ["cpu", "cuda"]), ("fastllm", ["cpu", "cuda"]), ("vllm", ["cpu", "cuda"]),
+    ]
+
+    snapshot.write_text("{not json")
+    broken = run_llmctl("--config", str(config), "engines")
+    assert broken.returncode == 1 and f"{snapshot}: invalid JSON" in broken.stderr
+
+
 @pytest.mark.engine
 def test_exit_0_and_1_against_a_running_daemon(make_daemon, tiny_gguf: Path) -> None:
     daemon = make_daemon({"tiny": tiny_profile(tiny_gguf)})

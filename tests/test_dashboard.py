@@ -15,7 +15,8 @@ import pytest
 from starlette.datastructures import Headers
 
 from conftest import REQUIRE_ENGINES, engine_processes, wait_until
-from llmd.daemon.bench_store import write_bench
+from llmd.daemon import bench_store
+from llmd.daemon.bench_store import HeadlineCache, bench_path, write_bench
 from llmd.daemon.dashboard import gpu_views
 from llmd.daemon.dashboard_auth import COOKIE, cookie_session, cross_site_problem, login_cookie, session_value
 from llmd.daemon.supervisor import free_port
@@ -71,6 +72,27 @@ def test_gpu_bars_never_overflow_their_card() -> None:
     }]}
     (card,) = gpu_views(report)
     assert [(s["model"], s["x"], s["width"]) for s in card["segments"]] == [("a", 0, 60.0), ("b", 60.0, 40.0), (None, 100.0, 0)]
+
+
+def test_bench_headlines_are_read_again_only_when_their_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[str] = []
+    read_bench = bench_store.read_bench
+    monkeypatch.setattr(bench_store, "read_bench", lambda state_dir, name: reads.append(name) or read_bench(state_dir, name))
+    headlines = HeadlineCache()
+
+    assert headlines.headline(tmp_path, "tiny") is None and reads == []  # never benched: nothing to read
+    write_bench(tmp_path, "tiny", {"headline": HEADLINE})
+    for _ in range(3):  # the dashboard polling
+        assert headlines.headline(tmp_path, "tiny") == HEADLINE
+    assert reads == ["tiny"]
+
+    # A new result is read, even one of the same size written right after the last.
+    newer = HEADLINE.replace("46.1", "47.2")
+    write_bench(tmp_path, "tiny", {"headline": newer})
+    assert headlines.headline(tmp_path, "tiny") == newer and reads == ["tiny", "tiny"]
+
+    bench_path(tmp_path, "tiny").unlink()
+    assert headlines.headline(tmp_path, "tiny") is None
 
 
 # ----- a real daemon, over HTTP -----

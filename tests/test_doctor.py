@@ -87,6 +87,30 @@ def test_simulated_gpus_are_called_simulated(tmp_path: Path) -> None:
     assert "remove [gpus] simulate" in gpus["fix"] and code == 0
 
 
+def test_each_engine_is_looked_up_once_per_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from llmd.daemon import cli_doctor, doctor
+    from llmd.daemon.cli import main
+    from llmd.daemon.doctor import CheckResult
+
+    looked_up: list[str] = []
+
+    def resolve(config, driver):  # type: ignore[no-untyped-def]
+        looked_up.append(driver.name)
+        return ["/bin/true"]
+
+    async def smoke(config, found, progress):  # type: ignore[no-untyped-def]
+        return CheckResult(f"smoke {found.driver.name}", "ok", f"ran {found.command}")
+
+    monkeypatch.setattr(doctor, "resolve_command", resolve)
+    monkeypatch.setattr(cli_doctor, "smoke_engine", smoke)  # the engine check and the smoke test both need it
+    result = CliRunner().invoke(main, ["--config", str(_config(tmp_path / "llmd")), "doctor", "--json"])
+    report = json.loads(result.stdout)
+    assert sorted(looked_up) == sorted(set(looked_up)) and "llama-cpp" in looked_up, looked_up
+    assert _check(report, "smoke llama-cpp")["detail"] == "ran ['/bin/true']"
+
+
 def test_state_dir_the_daemon_user_cannot_write(tmp_path: Path) -> None:
     config = _config(tmp_path / "llmd")
     state = tmp_path / "llmd" / "state"

@@ -151,6 +151,20 @@ def test_from_hf_unknown_repo_fails_with_the_hubs_reason(offline: dict[str, Path
 # ----- refusals -----
 
 
+@pytest.mark.parametrize(("repo", "rule"), [
+    ("acme--x/tiny", "Cannot have -- or .."),  # passes a plain owner/name pattern; the Hub refuses it
+    ("acme/tiny/extra", "it must be owner/name"),
+    ("acme/tiny.", "cannot start or end with"),
+])
+def test_a_malformed_from_hf_repo_is_a_usage_error_about_the_option(offline: dict[str, Path], repo: str, rule: str) -> None:
+    result = llmctl(offline["config"], "profile", "new", "x", "--from-hf", repo)
+    assert result.returncode == 2, result.stderr
+    assert f"--from-hf {repo!r} is not a Hugging Face repo id" in result.stderr and rule in result.stderr
+    assert "as owner/name" in result.stderr
+    assert "in the profile" not in result.stderr  # no profile was written: no advice about one
+    assert not (offline["profiles"] / "x.toml").exists()
+
+
 def test_an_existing_profile_is_not_overwritten_without_force(offline: dict[str, Path], tiny_gguf: Path) -> None:
     first = llmctl(offline["config"], "profile", "new", "tiny", "--model", str(tiny_gguf), "--ctx", "512")
     assert first.returncode == 0, first.stderr
