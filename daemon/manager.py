@@ -50,6 +50,9 @@ STABLE_SECONDS = 60.0
 HEALTH_INTERVAL = 1.0
 HEALTH_TIMEOUT = 0.45
 HEALTH_FAILURES = 2
+# Before probing again after a failed probe. An engine that dies closes its port a moment before
+# it can be reaped: the pause lets the exit be reported as one, not as a hang.
+HEALTH_RETRY_PAUSE = 0.05
 # A busy engine may answer its probe slowly; it still must answer, or its requests would hang.
 BUSY_HEALTH_TIMEOUT = 5.0
 # Parking (sleep mode): host RAM kept free beyond what a parked engine holds; what a parked
@@ -748,9 +751,11 @@ class Manager:
         url = f"http://{ENGINE_HOST}:{engine.port}{inst.spec.readiness.path}"
         failed = 0
         while True:
-            if not failed:  # after a failed probe, probe again at once
+            if not failed:
                 with anyio.move_on_after(HEALTH_INTERVAL):
                     await inst.probe_now.wait()
+            else:  # after a failed probe, probe again almost at once
+                await anyio.sleep(HEALTH_RETRY_PAUSE)
             if inst.probe_now.is_set():
                 inst.probe_now = anyio.Event()
             if inst.state is State.SLEEPING:
@@ -758,6 +763,8 @@ class Manager:
             # Busy, or waking up (still parked): it may answer slowly, but it must answer.
             timeout = BUSY_HEALTH_TIMEOUT if inst.in_flight or inst.parked is not None else HEALTH_TIMEOUT
             ok = await http_ok(engine.port, inst.spec.readiness.path, timeout)
+            if not ok and engine.returncode is not None:
+                return  # it exited: the exit watcher reports that, with its code
             failed = 0 if ok else failed + 1
             if failed >= HEALTH_FAILURES:
                 hung.append(f"stopped answering its health probe ({url})")
