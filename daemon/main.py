@@ -24,7 +24,7 @@ from llmd.drivers.registry import load_drivers
 
 from .api import build_api_app
 from .config import DaemonConfig, ServerConfig, config_path_from_env, load_config, split_host_port
-from .direct_body import DirectHttpProtocol
+from .client_link import LinkedHttpProtocol
 from .errors import LlmdError
 from .listeners import bind_tcp, bind_unix
 from .manager import Manager
@@ -77,7 +77,7 @@ class _Server(uvicorn.Server):
 def _server(app: ASGIApp, graceful_seconds: float) -> _Server:
     config = uvicorn.Config(
         app,
-        http=DirectHttpProtocol,  # relayed streams skip the ASGI layers (see direct_body)
+        http=LinkedHttpProtocol,  # short cuts for relayed streams (see client_link)
         lifespan="off",
         access_log=False,
         log_level="warning",

@@ -38,7 +38,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .direct_body import BODY_TAP_KEY
+from .client_link import BODY_TAP_KEY, client_link
 from .openai_errors import CLIENT_GONE
 from .upstream import find_header
 
@@ -50,8 +50,12 @@ NO_MODEL = ""
 # Paths counted under their own name; anything else is "other", so that clients probing
 # random paths cannot create unbounded label values.
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"})
-# Set by the proxy on the ASGI scope once a request's model is resolved to a profile.
+# Set by the proxy on the ASGI scope (through `name_model`) once a request's model is resolved
+# to a profile.
 MODEL_SCOPE_KEY = "llmd.model"
+# Where the request's `_Exchange` hears of it at once, so in-flight counts move to the model
+# before a cold load, not after it.
+_MODEL_NAMED_KEY = "llmd.model_named"
 MIB = 1024 * 1024
 # Model states as the manager names them; each model gets a 0/1 series for every one (and for
 # any other state a model is seen in), so dashboards find every series even when it is 0.
@@ -315,6 +319,14 @@ class _EngineReport:
         return None, None
 
 
+def name_model(scope: Scope, model: str) -> None:
+    """Label the request in `scope` with the profile it reached, from now on."""
+    scope[MODEL_SCOPE_KEY] = model
+    learn = scope.get(_MODEL_NAMED_KEY)
+    if learn is not None:
+        learn()
+
+
 class _Exchange:
     """One request on its way through `RequestMetrics`: sees its ASGI messages, records it at the end."""
 
@@ -353,20 +365,17 @@ class _Exchange:
         # Only successful replies are read for the engine's figures.
         self.report: _EngineReport | None = None
         scope[BODY_TAP_KEY] = self.saw_body
+        scope[_MODEL_NAMED_KEY] = self._learn_model
         metrics.in_flight.labels(NO_MODEL).inc()
 
     def _learn_model(self) -> None:
         model = self.scope.get(MODEL_SCOPE_KEY)
-        if model is not None:
+        if model is not None and self.model is None:
             self.model = model
             self.metrics.in_flight.labels(NO_MODEL).dec()
             self.metrics.in_flight.labels(model).inc()
 
     async def receive(self) -> Message:
-        # The proxy names the model after reading the body and then waits on receive() for a
-        # disconnect, so in-flight counts move to the model before a cold load, not after it.
-        if self.model is None:
-            self._learn_model()
         message = await self._receive()
         if message["type"] == "http.disconnect":
             self.client_gone = True
@@ -374,7 +383,7 @@ class _Exchange:
 
     def saw_body(self, body: bytes) -> None:
         """One piece of the reply's body on its way to the client; also called by the proxy for
-        the pieces it writes past `send` (see `direct_body`)."""
+        the pieces it writes past `send` (see `client_link`)."""
         # The hot path: called for every chunk of every reply, so each chunk costs a check or
         # two and, for a successful reply, two byte searches.
         if self.first_byte is None:
@@ -397,8 +406,7 @@ class _Exchange:
         await self._send(message)
 
     def _start(self, message: Message) -> None:
-        if self.model is None:
-            self._learn_model()
+        self._learn_model()
         self.status = message["status"]
         if 200 <= self.status < 300 and self.model is not None:
             self.report = _EngineReport()
@@ -407,6 +415,11 @@ class _Exchange:
 
     def finish(self) -> None:
         """Record the request; called once, however it ended."""
+        if not self.client_gone:
+            # Under llmd's own server the proxy learns of a disconnect from the connection, so
+            # nobody may have read the http.disconnect message.
+            link = client_link(self.scope)
+            self.client_gone = link is not None and link.disconnected
         m = self.metrics
         model = self.model if self.model is not None else NO_MODEL
         m.in_flight.labels(model).dec()

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from starlette.applications import Starlette
@@ -25,15 +25,16 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
-from .direct_body import direct_writer
+from .client_link import BODY_TAP_KEY, client_link
 from .errors import LlmdError, NoRoomError, UnknownModelError
 from .manager import Manager
-from .metrics import MODEL_SCOPE_KEY
+from .metrics import name_model
 from .openai_errors import CLIENT_GONE, error_response
 from .upstream import Headers, UpstreamError, find_header
 from .upstream import Response as UpstreamResponse
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # Longer than any model name or alias can be; longer values are not echoed back in a 404.
@@ -193,21 +194,34 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
     scope.cancel()
 
 
-async def _unless_disconnected(receive: Receive, work: Callable[[], Awaitable[Response]]) -> Response:
+async def _unless_disconnected(scope: Scope, receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
     """`work()`, cancelled if the client disconnects first: a request nobody waits for must not
-    keep a model busy, sit in a queue, or keep an engine generating. Raises _ClientGone then."""
-    result: Response | None = None
+    keep a model busy, sit in a queue, or keep an engine generating. Raises _ClientGone then.
+
+    Under llmd's own server the disconnect is reported by the connection itself (`ClientLink`);
+    elsewhere a task waits on `receive()` for it."""
+    link = client_link(scope)
+    if link is not None:
+        with anyio.CancelScope() as cancel:
+            forget = link.on_disconnect(cancel.cancel)
+            try:
+                return await work()
+            finally:
+                forget()
+        raise _ClientGone
+    finished = False
     failure: Exception | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
         try:
             result = await work()
+            finished = True
         except Exception as exc:  # re-raised as is below, not wrapped in the task group's ExceptionGroup
             failure = exc
         tg.cancel_scope.cancel()
     if failure is not None:
         raise failure
-    if result is None:
+    if not finished:
         raise _ClientGone
     return result
 
@@ -219,8 +233,8 @@ def _stream_error(name: str) -> bytes:
 
 class RelayResponse(Response):
     """Streams an engine's reply as it arrives, each piece sent on as soon as it is read:
-    straight from the engine's socket to the client's under uvicorn (`direct_body`), through
-    `send` elsewhere.
+    straight from the engine's socket to the client's under llmd's own server (`client_link`),
+    through `send` elsewhere.
     Whatever ends the response (done, client gone, engine gone), the upstream response is
     closed and the model released exactly once."""
 
@@ -244,7 +258,8 @@ class RelayResponse(Response):
     async def _relay(self, scope: Scope, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         try:
-            write = direct_writer(scope)
+            link = client_link(scope)
+            write = link.writer(scope.get(BODY_TAP_KEY)) if link is not None else None
             if write is not None:
                 # The engine connection's read callback writes each piece to the client itself.
                 await self._upstream.pipe(write, lambda: send({"type": "http.response.body", "body": b"", "more_body": True}))
@@ -259,12 +274,11 @@ class RelayResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            # The server's `send` does not fail once the client is gone; the disconnect comes
-            # through `receive`, and it stops the relay (and so the generation) at once.
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                await self._relay(scope, send)
-                tg.cancel_scope.cancel()
+            # The server's `send` does not fail once the client is gone: the disconnect stops
+            # the relay, and so the generation, at once.
+            await _unless_disconnected(scope, receive, lambda: self._relay(scope, send))
+        except _ClientGone:
+            pass
         finally:
             try:
                 with anyio.CancelScope(shield=True):  # a cancelled request must still close upstream
@@ -301,7 +315,7 @@ class Proxy:
             model, payload = parse_request(body, request.headers.get("content-type"))
             profile = self.manager.resolve(model)
             # For the metrics middleware, which labels the request by the model it reached.
-            request.scope[MODEL_SCOPE_KEY] = profile.name
+            name_model(request.scope, profile.name)
             if model != profile.name:
                 body = _with_model(payload, profile.name)  # engines such as fastllm only know the profile's name
         except BadRequest as exc:
@@ -314,7 +328,7 @@ class Proxy:
         except ClientDisconnect:
             return Response(status_code=CLIENT_GONE)
         try:
-            return await _unless_disconnected(request.receive, lambda: self._exchange(request, body, profile.name))
+            return await _unless_disconnected(request.scope, request.receive, lambda: self._exchange(request, body, profile.name))
         except _ClientGone:
             return Response(status_code=CLIENT_GONE)
 

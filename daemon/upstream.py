@@ -13,7 +13,7 @@ parsing the responses, and does only what that hop needs:
 - a request on a pooled connection that the engine closed while it was idle (no byte of a
   response came back) is sent once more on a fresh connection;
 - `Response.pipe` hands the body to a callable from the connection's own read callback, with
-  no task switch per piece: the proxy's short cut for streams (see `direct_body`);
+  no task switch per piece: the proxy's short cut for streams (see `client_link`);
 - closing a response before its end closes its connection: that is how an engine learns that
   nobody wants the rest of a generation;
 - `Pool.aclose` closes every connection, so an engine that is being stopped does not wait for

@@ -16,7 +16,7 @@ import pytest
 from conftest import wait_until
 from llmd.daemon.config import load_config
 from llmd.daemon.errors import ConfigError
-from llmd.daemon.metrics import MIB, MODEL_SCOPE_KEY, Metrics, RequestMetrics
+from llmd.daemon.metrics import MIB, MODEL_SCOPE_KEY, Metrics, RequestMetrics, name_model
 from prometheus_client.parser import text_string_to_metric_families
 from support import daemon_with_server_settings
 
@@ -149,13 +149,9 @@ async def test_in_flight_moves_to_the_model_once_named_and_returns_to_zero() -> 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
         seen["before"] = _value(metrics, "llmd_requests_in_flight", model="")
-        scope[MODEL_SCOPE_KEY] = "m"
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(receive)  # the proxy watches for a disconnect while the model loads
-            await anyio.sleep(0.01)
-            named.set()
-            await finish.wait()
-            tg.cancel_scope.cancel()
+        name_model(scope, "m")  # as the proxy does, before the model loads
+        named.set()
+        await finish.wait()
         await send(_start())
         await send(_body(b"{}", more=False))
 

@@ -1,7 +1,8 @@
-"""Relayed streams written straight from the engine's socket to the client's (`direct_body`):
-the real proxy app under the daemon's own uvicorn server, in front of a scripted engine, with
-clients on real sockets. The framing, the body taps, back-pressure from a slow client, and a
-client that leaves."""
+"""The proxy's short cuts under llmd's own server (`client_link`): relayed streams written
+straight from the engine's socket to the client's, and disconnects reported by the connection.
+The real proxy app and metrics under the daemon's own uvicorn server, in front of a scripted
+engine, with clients on real sockets: the framing, the body taps, back-pressure from a slow
+client, and clients that leave."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmd.daemon.direct_body import BODY_TAP_KEY, direct_writer
+from llmd.daemon.client_link import BODY_TAP_KEY, client_link
 from llmd.daemon.main import _server
+from llmd.daemon.metrics import Metrics
 from llmd.daemon.proxy import Proxy, build_proxy_app
 from tests.support import FakeManager
 
@@ -49,7 +51,7 @@ def dechunked(reply: bytes) -> bytes:
     return bytes(body)
 
 
-Script = Callable[[asyncio.StreamWriter], Awaitable[None]]
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @dataclass
@@ -69,7 +71,7 @@ class ScriptedEngine:
                     length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                                   if line.lower().startswith(b"content-length:"))
                     await reader.readexactly(length)
-                    await self.script(writer)
+                    await self.script(reader, writer)
             except (asyncio.IncompleteReadError, ConnectionError):
                 self.closed_by_client.set()
             finally:
@@ -80,7 +82,8 @@ class ScriptedEngine:
 
 
 class TapRecorder:
-    """Middleware that taps reply bodies the way the metrics do, and records what the proxy saw."""
+    """Middleware that taps reply bodies as the metrics do (the metrics' tap, outside it, still
+    sees them), and records whether each reply could take the short cut."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -88,30 +91,50 @@ class TapRecorder:
         self.direct: list[bool] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[BODY_TAP_KEY] = self.tapped.append
+        outer = scope.get(BODY_TAP_KEY)
+
+        def tap(body: bytes) -> None:
+            self.tapped.append(body)
+            if outer is not None:
+                outer(body)
+
+        scope[BODY_TAP_KEY] = tap
 
         async def watch(message: dict) -> None:  # type: ignore[type-arg]
             await send(message)
             if message["type"] == "http.response.start":
-                self.direct.append(direct_writer(scope) is not None)
+                link = client_link(scope)
+                self.direct.append(link is not None and link.writer(None) is not None)
 
         await self.app(scope, receive, watch)
 
 
+@dataclass
+class Proxied:
+    port: int
+    recorder: TapRecorder
+    metrics: Metrics
+
+    def errors(self, reason: str) -> float:
+        labels = {"model": "tiny", "endpoint": "/v1/chat/completions", "reason": reason}
+        return self.metrics.registry.get_sample_value("llmd_request_errors_total", labels) or 0.0
+
+
 @pytest.fixture
-async def proxy_for() -> AsyncIterator[Callable[[ScriptedEngine], Awaitable[tuple[int, TapRecorder]]]]:
+async def proxy_for() -> AsyncIterator[Callable[[ScriptedEngine], Awaitable[Proxied]]]:
     servers = []
 
-    async def start(engine: ScriptedEngine) -> tuple[int, TapRecorder]:
+    async def start(engine: ScriptedEngine) -> Proxied:
         engine.manager = FakeManager(engine)  # type: ignore[arg-type]
         recorder = TapRecorder(build_proxy_app(Proxy(engine.manager)))  # type: ignore[arg-type]
-        server = _server(recorder, 1.0)
+        metrics = Metrics(True, models=list, gpus=lambda: {"gpus": []})
+        server = _server(metrics.instrument(recorder), 1.0)
         sock = socket.create_server(("127.0.0.1", 0))
         task = asyncio.create_task(server.serve([sock]))
         servers.append((server, task))
         while not server.started:
             await asyncio.sleep(0.01)
-        return sock.getsockname()[1], recorder
+        return Proxied(sock.getsockname()[1], recorder, metrics)
 
     yield start
     for server, task in servers:
@@ -119,7 +142,7 @@ async def proxy_for() -> AsyncIterator[Callable[[ScriptedEngine], Awaitable[tupl
         await asyncio.wait_for(task, 10)
 
 
-async def three_events(writer: asyncio.StreamWriter) -> None:
+async def three_events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.write(STREAM_HEAD)
     for n in range(3):
         writer.write(chunk(b'data: {"n": %d}\n\n' % n))
@@ -130,16 +153,16 @@ async def three_events(writer: asyncio.StreamWriter) -> None:
 
 
 async def test_a_stream_is_written_straight_to_the_client_in_valid_chunks(proxy_for) -> None:  # type: ignore[no-untyped-def]
-    port, recorder = await proxy_for(ScriptedEngine(three_events))
+    proxied = await proxy_for(ScriptedEngine(three_events))
     expected = b'data: {"n": 0}\n\ndata: {"n": 1}\n\ndata: {"n": 2}\n\ndata: [DONE]\n\n'
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxied.port}") as client:
         for _ in range(2):  # twice on one keep-alive connection: the first reply ended properly
             async with client.stream("POST", "/v1/chat/completions", content=REQUEST) as response:
                 assert response.status_code == 200
                 assert response.headers["content-type"] == "text/event-stream"
                 assert b"".join([piece async for piece in response.aiter_raw()]) == expected
-    assert recorder.direct == [True, True]
-    assert b"".join(recorder.tapped) == expected * 2  # the taps saw every piece written past `send`
+    assert proxied.recorder.direct == [True, True]
+    assert b"".join(proxied.recorder.tapped) == expected * 2  # the taps saw every piece written past `send`
 
 
 async def test_without_uvicorn_the_relay_goes_through_send() -> None:
@@ -156,7 +179,7 @@ async def test_a_slow_client_holds_the_engine_back(proxy_for) -> None:  # type: 
     piece = b"data: " + b"x" * 16_000 + b"\n\n"
     total = 1600  # about 26 MB: several times what the socket buffers between here and there hold
 
-    async def flood(writer: asyncio.StreamWriter) -> None:
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(STREAM_HEAD)
         for _ in range(total):
             writer.write(chunk(piece))
@@ -166,12 +189,12 @@ async def test_a_slow_client_holds_the_engine_back(proxy_for) -> None:  # type: 
         await writer.drain()
 
     engine = ScriptedEngine(flood)
-    port, recorder = await proxy_for(engine)
+    proxied = await proxy_for(engine)
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     client.setblocking(False)
     loop = asyncio.get_running_loop()
-    await loop.sock_connect(client, ("127.0.0.1", port))
+    await loop.sock_connect(client, ("127.0.0.1", proxied.port))
     await loop.sock_sendall(client, b"POST /v1/chat/completions HTTP/1.1\r\nhost: llmd\r\ncontent-length: %d\r\n\r\n%b"
                             % (len(REQUEST), REQUEST))
     await asyncio.sleep(1.0)  # the client reads nothing meanwhile
@@ -184,11 +207,11 @@ async def test_a_slow_client_holds_the_engine_back(proxy_for) -> None:  # type: 
     client.close()
     assert engine.written == total
     assert dechunked(received) == piece * total
-    assert recorder.direct == [True]
+    assert proxied.recorder.direct == [True]
 
 
 async def test_a_client_that_leaves_mid_stream_closes_the_engine_connection(proxy_for) -> None:  # type: ignore[no-untyped-def]
-    async def endless(writer: asyncio.StreamWriter) -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(STREAM_HEAD)
         while True:
             writer.write(chunk(b'data: {"token": "x"}\n\n'))
@@ -196,25 +219,55 @@ async def test_a_client_that_leaves_mid_stream_closes_the_engine_connection(prox
             await asyncio.sleep(0.005)
 
     engine = ScriptedEngine(endless)
-    port, recorder = await proxy_for(engine)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+    proxied = await proxy_for(engine)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxied.port}") as client:
         async with client.stream("POST", "/v1/chat/completions", content=REQUEST) as response:
             async for _ in response.aiter_raw():
                 break
     await asyncio.wait_for(engine.closed_by_client.wait(), 5)
-    assert recorder.direct == [True]
+    assert proxied.recorder.direct == [True]
+    assert engine.manager is not None and engine.manager.in_flight == 0
+    await wait_for_metric(lambda: proxied.errors("client_gone") == 1)
+    assert proxied.errors("stream_broken") == 0
+
+
+async def test_a_client_that_leaves_before_the_reply_starts_frees_the_engine_at_once(proxy_for) -> None:  # type: ignore[no-untyped-def]
+    reached = asyncio.Event()
+
+    async def thinking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reached.set()
+        await reader.read()  # an engine still working on its answer, until the proxy hangs up
+        raise ConnectionError("the proxy closed the connection")
+
+    engine = ScriptedEngine(thinking)
+    proxied = await proxy_for(engine)
+    client = socket.create_connection(("127.0.0.1", proxied.port))
+    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: llmd\r\ncontent-length: %d\r\n\r\n%b" % (len(REQUEST), REQUEST))
+    await asyncio.wait_for(reached.wait(), 5)
+    client.close()
+    # The connection reports the disconnect: the request to the engine is closed, the model released.
+    await asyncio.wait_for(engine.closed_by_client.wait(), 5)
+    assert engine.manager is not None
+    await wait_for_metric(lambda: engine.manager.in_flight == 0)
+    await wait_for_metric(lambda: proxied.errors("client_gone") == 1)
+
+
+async def wait_for_metric(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
 
 
 async def test_an_engine_that_breaks_off_a_stream_gets_an_error_event_and_a_health_check(proxy_for) -> None:  # type: ignore[no-untyped-def]
-    async def dies(writer: asyncio.StreamWriter) -> None:
+    async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(STREAM_HEAD + chunk(b'data: {"n": 0}\n\n'))
         await writer.drain()
         writer.transport.abort()
         raise ConnectionError("the engine died")
 
     engine = ScriptedEngine(dies)
-    port, recorder = await proxy_for(engine)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+    proxied = await proxy_for(engine)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxied.port}") as client:
         response = await client.post("/v1/chat/completions", content=REQUEST)
     events = response.content.split(b"\n\n")
     assert events[0] == b'data: {"n": 0}'
