@@ -184,7 +184,7 @@ def _unauthorized(message: str) -> Response:
 
 
 class _ClientGone(Exception):
-    """The client disconnected before its reply was ready."""
+    """The client disconnected before its reply was complete."""
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

@@ -93,15 +93,17 @@ def test_sigterm_lets_in_flight_streams_finish(make_daemon, tiny_gguf: Path) -> 
     daemon = make_daemon({"tiny": tiny_profile(tiny_gguf, ctx=4096)})
     daemon.llmctl("load", "tiny")
     results: list[tuple[int, bool]] = []
-    started = threading.Event()
+    started = threading.Semaphore(0)  # released once by each stream, at its first line
 
     def stream() -> None:
         body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3000,
                 "stream": True, "ignore_eos": True}
-        done = False
+        done = first = False
         with httpx.stream("POST", daemon.url + "/v1/chat/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
-                started.set()
+                if not first:
+                    first = True
+                    started.release()
                 time.sleep(0.001)
                 done = done or line == "data: [DONE]"
         results.append((response.status_code, done))
@@ -109,7 +111,8 @@ def test_sigterm_lets_in_flight_streams_finish(make_daemon, tiny_gguf: Path) -> 
     threads = [threading.Thread(target=stream) for _ in range(2)]
     for thread in threads:
         thread.start()
-    assert started.wait(20)
+    for _ in threads:  # both streams are flowing before the signal
+        assert started.acquire(timeout=20)
     assert daemon.process is not None
     daemon.process.send_signal(signal.SIGTERM)
     for thread in threads:
