@@ -96,8 +96,9 @@ class FakeEngine:
                 while True:
                     head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")[:-2]
                     method, target, _ = head[0].split(" ")
-                    headers = [tuple(line.split(": ", 1)) for line in head[1:]]
-                    length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
+                    # As bytes: HTTP allows any octet above 0x7f in a value, and the proxy passes them on.
+                    headers = [tuple(part.encode("latin-1") for part in line.split(": ", 1)) for line in head[1:]]
+                    length = next((int(v) for k, v in headers if k.lower() == b"content-length"), 0)
                     request = httpx.Request(method, f"http://engine.invalid{target}", headers=headers,
                                             content=await reader.readexactly(length))
                     response = await self.handle(request)

@@ -140,6 +140,15 @@ def test_any_request_gets_a_reply_or_an_openai_error(open_app, method, path, bod
     assert manager.in_flight == 0  # every acquire was released, whatever happened
 
 
+def test_a_header_value_above_ascii_reaches_the_engine(open_app) -> None:  # type: ignore[no-untyped-def]
+    client, manager = open_app
+    response = client.post("/v1/chat/completions", content=b'{"model":"tiny"}', headers={"x-odd": b"\x80\xff"})
+    assert response.status_code == 200, response.text
+    # (The test client re-encodes the value as UTF-8 on its way in; the proxy passes on the bytes it got.)
+    odd = [value for name, value in manager.engine.requests[-1].headers.raw if name == b"x-odd"]
+    assert odd and max(odd[0]) > 0x7F
+
+
 @fuzz_settings
 @given(method=methods, path=paths, body=bodies, authorization=st.none() | header_values | header_values.map(lambda v: b"Bearer " + v))
 def test_without_the_key_every_request_gets_401(keyed_app, method, path, body, authorization) -> None:  # type: ignore[no-untyped-def]
