@@ -143,6 +143,17 @@ class Metrics:
             ["model"], buckets=_LOAD_BUCKETS, registry=r,
         )
         r.register(_StateCollector(models, gpus))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: every proxied request needs several, and
+        prometheus_client checks and locks on each call. Label values are model names (from the
+        profiles), endpoints and status codes, so the cache stays small."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     # ----- manager hooks -----
 
@@ -300,12 +311,12 @@ class _EngineReport:
             for histogram, key in ((metrics.generation_speed, "predicted_per_second"), (metrics.prompt_speed, "prompt_per_second")):
                 speed = _number(self.timings, key)
                 if speed:
-                    histogram.labels(model).observe(speed)
+                    metrics.child(histogram, model).observe(speed)
         prompt, completion = self._token_counts()
         if prompt:
-            metrics.prompt_tokens.labels(model).inc(prompt)
+            metrics.child(metrics.prompt_tokens, model).inc(prompt)
         if completion:
-            metrics.completion_tokens.labels(model).inc(completion)
+            metrics.child(metrics.completion_tokens, model).inc(completion)
 
     def _token_counts(self) -> tuple[float | None, float | None]:
         """From `usage`; without it (llama-server's streams), from `timings`, where the prompt
@@ -366,14 +377,14 @@ class _Exchange:
         self.report: _EngineReport | None = None
         scope[BODY_TAP_KEY] = self.saw_body
         scope[_MODEL_NAMED_KEY] = self._learn_model
-        metrics.in_flight.labels(NO_MODEL).inc()
+        metrics.child(metrics.in_flight, NO_MODEL).inc()
 
     def _learn_model(self) -> None:
         model = self.scope.get(MODEL_SCOPE_KEY)
         if model is not None and self.model is None:
             self.model = model
-            self.metrics.in_flight.labels(NO_MODEL).dec()
-            self.metrics.in_flight.labels(model).inc()
+            self.metrics.child(self.metrics.in_flight, NO_MODEL).dec()
+            self.metrics.child(self.metrics.in_flight, model).inc()
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -422,17 +433,17 @@ class _Exchange:
             self.client_gone = link is not None and link.disconnected
         m = self.metrics
         model = self.model if self.model is not None else NO_MODEL
-        m.in_flight.labels(model).dec()
+        m.child(m.in_flight, model).dec()
         end = time.perf_counter()
         code = self.status or (CLIENT_GONE if self.client_gone else 500)
-        m.requests.labels(model, self.endpoint, str(code)).inc()
-        m.duration.labels(model, self.endpoint).observe(end - self.started)
+        m.child(m.requests, model, self.endpoint, str(code)).inc()
+        m.child(m.duration, model, self.endpoint).observe(end - self.started)
         reason = self._failure(code)
         if reason is not None:
-            m.errors.labels(model, self.endpoint, reason).inc()
+            m.child(m.errors, model, self.endpoint, reason).inc()
         if self.report is not None:
             if self.stream and self.first_byte is not None:
-                m.ttft.labels(model).observe(self.first_byte - self.started)
+                m.child(m.ttft, model).observe(self.first_byte - self.started)
             self.report.record(m, model)
 
     def _failure(self, code: int) -> str | None:
