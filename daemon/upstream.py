@@ -101,13 +101,7 @@ class Response:
                 raise StopAsyncIteration
             if self._error is not None:
                 raise self._error
-            conn = self._conn
-            assert conn is not None
-            self._waiter = conn.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._next_event()
         chunks = self._chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
@@ -153,15 +147,19 @@ class Response:
                     if self._conn is not None:
                         self._conn.resume_reading()
                     continue
-                conn = self._conn
-                assert conn is not None
-                self._waiter = conn.loop.create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+                await self._next_event()
         finally:
             self._sink = None
+
+    async def _next_event(self) -> None:
+        """Wait until the connection has more for this response: body, its end, or an error."""
+        conn = self._conn
+        assert conn is not None
+        self._waiter = conn.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     async def aclose(self) -> None:
         """Done with this response. Before its end, this closes the connection, which tells

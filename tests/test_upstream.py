@@ -115,19 +115,24 @@ async def test_content_length_body_and_request_bytes(serve) -> None:  # type: ig
     await pool.aclose()
 
 
-async def test_chunked_body_is_handed_on_as_each_chunk_arrives(serve) -> None:  # type: ignore[no-untyped-def]
-    first_seen = asyncio.Event()
+def two_events_in_turn(first_seen: asyncio.Event) -> Callable[[int, int, Received, asyncio.StreamWriter], Awaitable[bool]]:
+    """An engine script: a stream of two events, the second only once the first was handed on."""
 
     async def stream(conn: int, n: int, received: Received, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         writer.write(b"b\r\ndata: one\n\n\r\n")
         await writer.drain()
-        await asyncio.wait_for(first_seen.wait(), 5)  # the next chunk only once the first was handed on
+        await asyncio.wait_for(first_seen.wait(), 5)
         writer.write(b"b\r\ndata: two\n\n\r\n0\r\n\r\n")
         await writer.drain()
         return True
 
-    engine = await serve(stream)
+    return stream
+
+
+async def test_chunked_body_is_handed_on_as_each_chunk_arrives(serve) -> None:  # type: ignore[no-untyped-def]
+    first_seen = asyncio.Event()
+    engine = await serve(two_events_in_turn(first_seen))
     pool = Pool("127.0.0.1", engine.port)
     response = await pool.request("POST", "/v1/chat/completions", HEADERS, b"{}")
     assert response.header(b"transfer-encoding") == b"chunked"
@@ -263,13 +268,14 @@ async def test_closing_a_response_early_closes_its_connection(serve) -> None:  #
     assert pool.open_connections == 0 and pool.idle_connections == 0
 
 
-async def test_engine_dying_mid_stream_raises_after_what_it_sent(serve) -> None:  # type: ignore[no-untyped-def]
-    async def dies(conn: int, n: int, received: Received, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nb\r\ndata: one\n\n\r\n")
-        await writer.drain()
-        return False
+async def dies_after_one_event(conn: int, n: int, received: Received, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nb\r\ndata: one\n\n\r\n")
+    await writer.drain()
+    return False  # and hang up
 
-    engine = await serve(dies)
+
+async def test_engine_dying_mid_stream_raises_after_what_it_sent(serve) -> None:  # type: ignore[no-untyped-def]
+    engine = await serve(dies_after_one_event)
     pool = Pool("127.0.0.1", engine.port)
     response = await pool.request("POST", "/x", HEADERS, b"{}")
     chunks = []
@@ -320,17 +326,7 @@ async def test_cancelled_request_closes_its_connection(serve) -> None:  # type: 
 
 async def test_pipe_hands_each_piece_on_from_the_read_callback(serve) -> None:  # type: ignore[no-untyped-def]
     first_seen = asyncio.Event()
-
-    async def stream(conn: int, n: int, received: Received, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-        writer.write(b"b\r\ndata: one\n\n\r\n")
-        await writer.drain()
-        await asyncio.wait_for(first_seen.wait(), 5)  # the next chunk only once the first was handed on
-        writer.write(b"b\r\ndata: two\n\n\r\n0\r\n\r\n")
-        await writer.drain()
-        return True
-
-    engine = await serve(stream)
+    engine = await serve(two_events_in_turn(first_seen))
     pool = Pool("127.0.0.1", engine.port)
     response = await pool.request("POST", "/v1/chat/completions", HEADERS, b"{}")
     pieces: list[bytes] = []
@@ -395,12 +391,7 @@ async def test_pipe_pauses_reading_while_the_sink_is_full(serve) -> None:  # typ
 
 
 async def test_pipe_raises_when_the_engine_breaks_off(serve) -> None:  # type: ignore[no-untyped-def]
-    async def dies(conn: int, n: int, received: Received, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nb\r\ndata: one\n\n\r\n")
-        await writer.drain()
-        return False
-
-    engine = await serve(dies)
+    engine = await serve(dies_after_one_event)
     pool = Pool("127.0.0.1", engine.port)
     response = await pool.request("POST", "/x", HEADERS, b"{}")
     pieces: list[bytes] = []
