@@ -73,11 +73,14 @@ class ClientLink:
         None where the short cut does not apply (not chunked, a HEAD request), and the pieces
         must go through `send`. `tap` sees every piece written."""
         cycle = self._cycle
-        if not cycle.response_started or cycle.response_complete or not cycle.chunked_encoding:
+        try:
+            if not cycle.response_started or cycle.response_complete or not cycle.chunked_encoding:
+                return None
+            if cycle.scope["method"] == "HEAD":
+                return None
+            transport, flow = cycle.transport, cycle.flow
+        except AttributeError:  # a uvicorn whose cycle is built otherwise: relay through `send`
             return None
-        if cycle.scope["method"] == "HEAD":
-            return None
-        transport, flow = cycle.transport, cycle.flow
 
         def write(body: bytes) -> bool:
             # Called from the engine connection's read callback: no await, no exception.
