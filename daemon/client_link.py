@@ -99,22 +99,21 @@ class ClientLink:
 class LinkedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, offering each request's app a `ClientLink`."""
 
-    _links: list[ClientLink] | None = None
+    _link: ClientLink | None = None
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # not a websocket upgrade
-            link = ClientLink(cycle)
-            # Pipelined requests queue up behind the current one: keep a link for each until it ends.
-            self._links = [each for each in self._links or () if not each._cycle.response_complete]
-            self._links.append(link)
-            self.scope.setdefault("extensions", {})[CLIENT_LINK] = link  # type: ignore[typeddict-item]
+            # The newest request's link: the one uvicorn marks disconnected when the connection
+            # goes (with pipelining, as for its own receive(), the newest request's cycle).
+            self._link = ClientLink(cycle)
+            self.scope.setdefault("extensions", {})[CLIENT_LINK] = self._link  # type: ignore[typeddict-item]
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        links, self._links = self._links or [], None
-        for link in links:
+        link, self._link = self._link, None
+        if link is not None:
             link.lost()
 
 
