@@ -15,6 +15,11 @@ protocol, offers each request a `ClientLink` (the scope extension `CLIENT_LINK`)
 - Middleware that watches bodies (the metrics) puts a callable under `BODY_TAP_KEY` in the
   scope; the writer calls it with each piece, since those pieces never pass its `send`.
 
+uvicorn writes a response's head as soon as it is sent, and its body in a write of its own.
+On loopback every write wakes the reader, so a whole reply (every non-streamed answer) would
+cost two wake-ups where one does: `_HeadHoldingTransport` keeps the head of a response with a
+Content-Length until its body is written, and writes both at once.
+
 `client_link(scope)` is None under any other server; the proxy then does it all through ASGI.
 """
 
@@ -48,6 +53,14 @@ class ClientLink:
         self._on_lost: list[Callable[[], None]] = []
 
     @property
+    def request_received(self) -> bool:
+        """Whether the whole request body has arrived: reading it will not wait."""
+        try:
+            return not self._cycle.more_body
+        except AttributeError:  # a uvicorn whose cycle is built otherwise: assume it may wait
+            return False
+
+    @property
     def disconnected(self) -> bool:
         """Whether the client went away before the response was complete."""
         return self._cycle.disconnected
@@ -79,6 +92,8 @@ class ClientLink:
             if cycle.scope["method"] == "HEAD":
                 return None
             transport, flow = cycle.transport, cycle.flow
+            if isinstance(transport, _HeadHoldingTransport):
+                transport = transport.transport  # a chunked head is never held
         except AttributeError:  # a uvicorn whose cycle is built otherwise: relay through `send`
             return None
 
@@ -96,8 +111,50 @@ class ClientLink:
         return write
 
 
+class _HeadHoldingTransport:
+    """The client's transport as one request's cycle sees it: the head of a response with a
+    Content-Length waits for the body's write and goes out with it, in one write.
+
+    uvicorn decides the framing before it writes the head, so the cycle says which heads to
+    hold: not a chunked one (a stream's head goes out at once, before its first event), not
+    one for HEAD (no body follows), nothing before the response starts (`100 Continue`)."""
+
+    __slots__ = ("_cycle", "_head_seen", "_held", "transport")
+
+    def __init__(self, transport: Any, cycle: RequestResponseCycle) -> None:
+        self.transport = transport
+        self._cycle = cycle
+        self._head_seen = False
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self.transport.write(held + data)
+            return
+        cycle = self._cycle
+        if not self._head_seen and cycle.response_started:
+            # The first write once the response has started is its head (one cycle, one response).
+            self._head_seen = True
+            if cycle.chunked_encoding is False and cycle.expected_content_length > 0 and cycle.scope["method"] != "HEAD":
+                self._held = data  # its body is on its way
+                return
+        self.transport.write(data)
+
+    def close(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self.transport.write(held)  # the app failed after the head: as uvicorn would have it
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class LinkedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, offering each request's app a `ClientLink`."""
+    """uvicorn's httptools protocol, offering each request's app a `ClientLink`, and writing
+    a whole reply's head and body at once (`_HeadHoldingTransport`)."""
 
     _link: ClientLink | None = None
 
@@ -105,6 +162,7 @@ class LinkedHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # not a websocket upgrade
+            cycle.transport = _HeadHoldingTransport(self.transport, cycle)  # type: ignore[assignment]
             # The newest request's link: the one uvicorn marks disconnected when the connection
             # goes (with pipelining, as for its own receive(), the newest request's cycle).
             self._link = ClientLink(cycle)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -68,17 +68,36 @@ def _too_large() -> BadRequest:
     )
 
 
-async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
+class _ClientLeft(Exception):
+    """The client disconnected while sending its request."""
+
+
+async def _read_body(scope: Scope, receive: Receive, timeout: float) -> bytes:
+    """The whole request body; BadRequest if it is too large, TimeoutError if it does not
+    arrive within `timeout` seconds, _ClientLeft if the client goes first."""
+    declared = find_header(scope["headers"], b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise _too_large()
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
+    link = client_link(scope)
+    if link is not None and link.request_received:
+        # Most requests arrive whole with their head: nothing to wait for, no deadline to arm.
+        return await _read_pieces(receive)
+    with anyio.fail_after(timeout):
+        return await _read_pieces(receive)
+
+
+async def _read_pieces(receive: Receive) -> bytes:
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientLeft
+        body, more = message.get("body", b""), message.get("more_body", False)
+        size += len(body)
         if size > MAX_BODY_BYTES:
             raise _too_large()
-        chunks.append(chunk)
-    return b"".join(chunks)
+        chunks.append(body)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _json_kind(value: object) -> str:
@@ -306,16 +325,24 @@ class Proxy:
         self.manager = manager
         self.body_timeout = body_timeout
 
-    async def forward(self, request: Request) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI endpoint of the OpenAI routes that name a model (a plain ASGI app, not a
+        Starlette request handler: every request pays for whatever sits on this path)."""
+        response = await self.forward(scope, receive)
+        await response(scope, receive, send)
+
+    async def forward(self, scope: Scope, receive: Receive) -> Response:
+        """The reply to one request: the engine's, or an error saying what to fix."""
+        headers: Headers = scope["headers"]
         try:
             # The body is read before a model is acquired, so a slow client holds a connection,
             # never a model; the deadline bounds even that.
-            with anyio.fail_after(self.body_timeout):
-                body = await _read_body(request)
-            model, payload = parse_request(body, request.headers.get("content-type"))
+            body = await _read_body(scope, receive, self.body_timeout)
+            content_type = find_header(headers, b"content-type")
+            model, payload = parse_request(body, None if content_type is None else content_type.decode("latin-1"))
             profile = self.manager.resolve(model)
             # For the metrics middleware, which labels the request by the model it reached.
-            name_model(request.scope, profile.name)
+            name_model(scope, profile.name)
             if model != profile.name:
                 body = _with_model(payload, profile.name)  # engines such as fastllm only know the profile's name
         except BadRequest as exc:
@@ -325,14 +352,14 @@ class Proxy:
             return error_response(408, message, headers=_CLOSE)
         except UnknownModelError as exc:
             return error_response(404, str(exc), code="model_not_found", param="model")
-        except ClientDisconnect:
+        except _ClientLeft:
             return Response(status_code=CLIENT_GONE)
         try:
-            return await _unless_disconnected(request.scope, request.receive, lambda: self._exchange(request, body, profile.name))
+            return await _unless_disconnected(scope, receive, lambda: self._exchange(scope, body, profile.name))
         except _ClientGone:
             return Response(status_code=CLIENT_GONE)
 
-    async def _exchange(self, request: Request, body: bytes, name: str) -> Response:
+    async def _exchange(self, scope: Scope, body: bytes, name: str) -> Response:
         """Acquire the model, send the request to its engine, and relay the reply."""
         try:
             inst = await self.manager.acquire(name)
@@ -344,9 +371,7 @@ class Proxy:
             return error_response(503, str(exc), code="engine_unavailable")
         try:
             assert inst.client is not None  # a ready instance always has one
-            upstream = await inst.client.request(
-                request.method, request.scope["path"], _forward_headers(request.headers.raw), body
-            )
+            upstream = await inst.client.request(scope["method"], scope["path"], _forward_headers(scope["headers"]), body)
         except BaseException as exc:
             self.manager.release(inst)
             if isinstance(exc, UpstreamError):
@@ -405,9 +430,9 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 def build_proxy_app(proxy: Proxy, api_keys: Sequence[str] = (), extra_routes: Sequence[Route] = ()) -> ASGIApp:
     """The proxy's ASGI app; with `api_keys`, every route (models list and `extra_routes` included) requires one."""
     routes = [
-        Route("/v1/chat/completions", proxy.forward, methods=["POST"]),
-        Route("/v1/completions", proxy.forward, methods=["POST"]),
-        Route("/v1/embeddings", proxy.forward, methods=["POST"]),
+        Route("/v1/chat/completions", proxy, methods=["POST"]),
+        Route("/v1/completions", proxy, methods=["POST"]),
+        Route("/v1/embeddings", proxy, methods=["POST"]),
         Route("/v1/models", proxy.list_models, methods=["GET"]),
         *extra_routes,
     ]

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmd.daemon.client_link import BODY_TAP_KEY, client_link
+from llmd.daemon.client_link import BODY_TAP_KEY, _HeadHoldingTransport, client_link
 from llmd.daemon.main import _server
 from llmd.daemon.metrics import Metrics
 from llmd.daemon.proxy import Proxy, build_proxy_app
@@ -124,9 +124,9 @@ class Proxied:
 async def proxy_for() -> AsyncIterator[Callable[[ScriptedEngine], Awaitable[Proxied]]]:
     servers = []
 
-    async def start(engine: ScriptedEngine) -> Proxied:
+    async def start(engine: ScriptedEngine, body_timeout: float = 30.0) -> Proxied:
         engine.manager = FakeManager(engine)  # type: ignore[arg-type]
-        recorder = TapRecorder(build_proxy_app(Proxy(engine.manager)))  # type: ignore[arg-type]
+        recorder = TapRecorder(build_proxy_app(Proxy(engine.manager, body_timeout)))  # type: ignore[arg-type]
         metrics = Metrics(True, models=list, gpus=lambda: {"gpus": []})
         server = _server(metrics.instrument(recorder), 1.0)
         sock = socket.create_server(("127.0.0.1", 0))
@@ -274,3 +274,113 @@ async def test_an_engine_that_breaks_off_a_stream_gets_an_error_event_and_a_heal
     assert json.loads(events[1].removeprefix(b"data: "))["error"]["message"] == "engine for 'tiny' broke off the stream"
     assert engine.manager is not None
     assert engine.manager.failures == ["tiny"] and engine.manager.in_flight == 0
+
+
+async def test_a_whole_reply_goes_out_in_one_write(proxy_for) -> None:  # type: ignore[no-untyped-def]
+    reply = json.dumps({"choices": [{"message": {"content": "hi"}}]}).encode()
+
+    async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+                     % (len(reply), reply))
+        await writer.drain()
+
+    proxied = await proxy_for(ScriptedEngine(answers))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxied.port)
+    request = json.dumps({"model": "tiny"}).encode()
+    for _ in range(2):  # and the next reply on the same connection too
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%b"
+                     % (len(request), request))
+        # One write: the first read after the reply starts arriving holds all of it.
+        first = await asyncio.wait_for(reader.read(65536), 5)
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\n" + reply)
+    writer.close()
+
+
+async def test_a_request_whose_body_never_comes_gets_408(proxy_for) -> None:  # type: ignore[no-untyped-def]
+    engine = ScriptedEngine(three_events)
+    proxied = await proxy_for(engine, body_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxied.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n")  # and nothing more
+    reply = await asyncio.wait_for(reader.read(65536), 5)
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert b"request body did not arrive within 0.3s" in reply
+    assert engine.manager is not None and engine.manager.in_flight == 0
+    writer.close()
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def cycle_for(method: str = "POST") -> SimpleNamespace:
+    return SimpleNamespace(response_started=False, response_complete=False, chunked_encoding=None,
+                           expected_content_length=0, scope={"method": method})
+
+
+def holding(cycle: SimpleNamespace) -> tuple[_HeadHoldingTransport, RecordingTransport]:
+    real = RecordingTransport()
+    return _HeadHoldingTransport(real, cycle), real  # type: ignore[arg-type]
+
+
+def start(cycle: SimpleNamespace, *, chunked: bool, length: int = 0) -> None:
+    """What uvicorn's cycle has decided when it writes a response's head."""
+    cycle.response_started, cycle.chunked_encoding, cycle.expected_content_length = True, chunked, length
+
+
+def test_the_head_of_a_reply_with_a_length_goes_out_with_its_body() -> None:
+    cycle = cycle_for()
+    transport, real = holding(cycle)
+    start(cycle, chunked=False, length=4)
+    transport.write(b"HEAD\r\n\r\n")
+    assert real.writes == []
+    transport.write(b"body")
+    transport.write(b"more")  # only the head is ever held
+    assert real.writes == [b"HEAD\r\n\r\nbody", b"more"]
+
+
+def test_a_streams_head_goes_out_at_once() -> None:
+    cycle = cycle_for()
+    transport, real = holding(cycle)
+    start(cycle, chunked=True)
+    transport.write(b"HEAD\r\n\r\n")
+    assert real.writes == [b"HEAD\r\n\r\n"]
+
+
+@pytest.mark.parametrize("method, length", [("HEAD", 4), ("POST", 0)], ids=["HEAD-request", "empty-body"])
+def test_a_head_no_body_follows_goes_out_at_once(method: str, length: int) -> None:
+    cycle = cycle_for(method)
+    transport, real = holding(cycle)
+    start(cycle, chunked=False, length=length)
+    transport.write(b"HEAD\r\n\r\n")
+    assert real.writes == [b"HEAD\r\n\r\n"]
+
+
+def test_100_continue_goes_out_at_once_and_the_head_is_still_held() -> None:
+    cycle = cycle_for()
+    transport, real = holding(cycle)
+    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # before the response starts
+    start(cycle, chunked=False, length=4)
+    transport.write(b"HEAD\r\n\r\n")
+    transport.write(b"body")
+    assert real.writes == [b"HTTP/1.1 100 Continue\r\n\r\n", b"HEAD\r\n\r\nbody"]
+
+
+def test_closing_with_a_head_held_writes_it_first() -> None:
+    cycle = cycle_for()
+    transport, real = holding(cycle)
+    start(cycle, chunked=False, length=4)
+    transport.write(b"HEAD\r\n\r\n")
+    transport.close()
+    assert real.writes == [b"HEAD\r\n\r\n"] and real.closed
+    assert transport.is_closing()  # everything else is the real transport's
