@@ -19,6 +19,12 @@ RSS_GOAL_MB = 80.0
 IDLE_CPU_GOAL_PCT = 0.5
 IDLE_WINDOWS = 5
 SETTLE_SECONDS = 1.0
+# Whose CPU per relayed chunk is reported, and how the report names them.
+PROXIES = (
+    ("llmd", "daemon"),
+    ("nginx", "nginx (its worker and master)"),
+    ("relay", "bare byte relay (Python on uvloop, the floor)"),
+)
 
 
 def measure(daemon: Daemon, models: list[str], idle_seconds: float, chunk_cpu: dict[str, ChunkCpu]) -> Section:
@@ -47,12 +53,11 @@ def measure(daemon: Daemon, models: list[str], idle_seconds: float, chunk_cpu: d
     section.add(Figure("footprint.idle_cpu_pct", f"daemon CPU while idle, {len(ready)} engines loaded", idle_pct,
                        "% of a core", min(percents), max(percents), goal=f"< {IDLE_CPU_GOAL_PCT:g}%",
                        met=idle_pct < IDLE_CPU_GOAL_PCT, samples=IDLE_WINDOWS))
-    for name in ("llmd", "nginx"):
+    for name, who in PROXIES:
         counted = chunk_cpu.get(name)
         if counted is None or not counted.events:
             continue
         value, low, high = counted.ms_per_1000()
-        who = "daemon" if name == "llmd" else "nginx (its worker and master)"
         section.add(Figure(f"footprint.{name}.cpu_ms_per_1000_chunks", f"{who} CPU per 1,000 proxied stream chunks",
                            value, "ms", low, high, samples=counted.events))
     section.details = {

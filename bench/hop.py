@@ -133,7 +133,7 @@ class UpstreamHop(Hop):
             async for piece in response:
                 count += events(piece)
         finally:
-            await response.aclose()
+            response.close()
         return count
 
     async def close(self) -> None:

@@ -45,7 +45,7 @@ def measure(targets: Sequence[Target], model: str, iterations: int, warmup: int)
     for q in (50, 99):
         section.add(_figure(f"overhead.direct.p{q}_ms", f"engine alone: p{q} latency", samples,
                             lambda s, q=q: percentile(s["direct"], q), n))
-    for name in ("nginx", "llmd"):
+    for name in ("nginx", "relay", "llmd"):
         if name not in samples:
             continue
         for q in (50, 99):

@@ -1,8 +1,9 @@
 """Runs the measurements in order, against one set of processes, and assembles the report.
 
 Order matters on a small machine: the in-process placement benchmark runs first, while nothing
-else does; then one daemon (with nginx in front of its engines) serves the overhead, streaming,
-footprint and cold-start measurements; the swap measurement gets a daemon of its own, because
+else does; then one daemon (with nginx in front of its engines, and for the tiny model also a bare
+byte relay, the floor for a proxy in Python) serves the overhead, streaming, footprint and
+cold-start measurements; the swap measurement gets a daemon of its own, because
 it needs a simulated one-card inventory.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import coldstart, footprint, overhead, placement, streaming, swap
+from .byte_relay import ByteRelay
 from .harness import (
     NGINX_MISSING,
     Daemon,
@@ -207,9 +209,9 @@ def _timed(measure: Callable[[], Section]) -> Section:
 
 def engine_args(max_clients: int) -> tuple[str, ...]:
     """llama-server flags for an engine that serves up to `max_clients` streams at once."""
-    # Every target keeps its own connections to the engine open (nginx's and llmd's pools, the
-    # client's), and llama-server serves each open connection with a thread of its own.
-    return (*ENGINE_THREADS, "--threads-http", str(3 * max_clients + 8))
+    # Every target keeps its own connections to the engine open (nginx's, the relay's and llmd's,
+    # the client's), and llama-server serves each open connection with a thread of its own.
+    return (*ENGINE_THREADS, "--threads-http", str(4 * max_clients + 8))
 
 
 def _with_engines(settings: Settings, only: Sequence[str], llama_server: Path, nginx_bin: Path | None,
@@ -247,7 +249,7 @@ def _main_daemon(settings: Settings, only: Sequence[str], llama_server: Path, ng
 
         pids: dict[str, list[int]] = {"llmd": [daemon.pid]}
 
-        def targets(model: str) -> list[Target]:
+        def targets(model: str, *, with_relay: bool = False) -> list[Target]:
             port = daemon.load(model)["port"]
             found = [Target("direct", port)]
             if nginx_bin is not None:
@@ -256,10 +258,17 @@ def _main_daemon(settings: Settings, only: Sequence[str], llama_server: Path, ng
                 stack.callback(proxy.stop)
                 found.append(Target("nginx", proxy.port))
                 pids["nginx"] = proxy.pids()
+            if with_relay:
+                # The floor for a proxy on Python's event loop: where llmd's cost stops being its own.
+                relay = ByteRelay(port)
+                relay.start()
+                stack.callback(relay.stop)
+                found.append(Target("relay", relay.port))
+                pids["relay"] = relay.pids()
             return found + [Target("llmd", daemon.port)]
 
         if "overhead" in only or "streaming" in only:
-            tiny = targets("tiny")
+            tiny = targets("tiny", with_relay=True)
             if "overhead" in only:
                 log(f"overhead: {settings.overhead_iterations} interleaved requests per target")
                 sections.append(_timed(lambda: overhead.measure(

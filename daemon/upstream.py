@@ -63,7 +63,7 @@ class _Stale(UpstreamError):
 
 class Response:
     """An engine's response: `status` and `headers` (as sent, raw), then the body through
-    `async for chunk in response` or `await response.read()`. `aclose()` is always safe."""
+    `async for chunk in response` or `await response.read()`. `close()` is always safe."""
 
     __slots__ = (
         "_buffered", "_chunks", "_conn", "_done", "_error", "_sink", "_sink_error", "_sink_full", "_waiter",
@@ -161,9 +161,10 @@ class Response:
         finally:
             self._waiter = None
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         """Done with this response. Before its end, this closes the connection, which tells
-        the engine to stop; after it, the connection went back to the pool already."""
+        the engine to stop; after it, the connection went back to the pool already. It never
+        waits, so a cancelled caller needs no shield to call it."""
         if self._done:
             self._release()  # read to its end but not drained: the connection is still good
         elif self._conn is not None:

@@ -58,19 +58,21 @@ def test_stream_counts_events_across_pieces() -> None:
 def _expected_keys(document: dict) -> list[str]:
     nginx = document["nginx"]["available"]
     proxies = ["llmd", "nginx"] if nginx else ["llmd"]
+    # The bare byte relay (the floor for a Python proxy) runs in front of the tiny model only.
+    tiny_proxies = [*proxies, "relay"]
     keys = ["placement.p50_ms", "placement.p99_ms", "overhead.direct.p50_ms", "overhead.direct.p99_ms"]
-    for proxy in proxies:
+    for proxy in tiny_proxies:
         keys += [f"overhead.{proxy}.added_p50_ms", f"overhead.{proxy}.added_p99_ms"]
     if nginx:
         keys.append("overhead.llmd.p99_over_nginx_ms")
-    for label, levels in (("tiny", SMOKE.tiny_levels), ("large", SMOKE.large_levels)):
+    for label, levels, each in (("tiny", SMOKE.tiny_levels, tiny_proxies), ("large", SMOKE.large_levels, proxies)):
         for c, _ in levels:
             keys.append(f"stream.{label}.c{c}.direct.tok_s")
-            for proxy in proxies:
+            for proxy in each:
                 keys += [f"stream.{label}.c{c}.{proxy}.ratio", f"stream.{label}.c{c}.{proxy}.added_p99_gap_ms"]
     keys += [
         "footprint.rss_mb", "footprint.idle_cpu_pct",
-        *(f"footprint.{proxy}.cpu_ms_per_1000_chunks" for proxy in proxies),
+        *(f"footprint.{proxy}.cpu_ms_per_1000_chunks" for proxy in tiny_proxies),
         "coldstart.engine.ready_ms", "coldstart.engine.first_token_ms", "coldstart.llmd.first_token_ms",
         "coldstart.llmd.overhead_ms",
         "swap.engine.ms", "swap.llmd.ms", "swap.llmd.overhead_ms",

@@ -107,7 +107,7 @@ async def test_content_length_body_and_request_bytes(serve) -> None:  # type: ig
         assert response.status == 200
         assert response.header(b"content-type") == b"application/json"
         assert await response.read() == b'{"ok": %d}' % len(engine.requests)
-        await response.aclose()
+        response.close()
         assert engine.requests[-1].body == body
     head = engine.requests[0].head.decode()
     assert head.startswith("POST /v1/chat/completions HTTP/1.1\r\n")
@@ -151,7 +151,7 @@ async def test_keep_alive_connection_is_reused(serve) -> None:  # type: ignore[n
     for _ in range(3):
         response = await pool.request("POST", "/x", HEADERS, b"{}")
         await response.read()
-        await response.aclose()
+        response.close()
     assert engine.connections == 1 and len(engine.requests) == 3
     assert pool.idle_connections == 1
     await pool.aclose()
@@ -173,7 +173,7 @@ async def test_a_reply_left_unread_past_the_high_water_mark_leaves_a_usable_conn
             break
         await asyncio.sleep(0.01)
     assert first.complete
-    await first.aclose()  # the client left before the rest was relayed
+    first.close()  # the client left before the rest was relayed
     with anyio.fail_after(5):  # the pooled connection reads its next reply
         second = await pool.request("POST", "/x", HEADERS, b"{}")
         assert await second.read() == big
@@ -192,7 +192,7 @@ async def test_connection_close_reply_is_not_reused(serve) -> None:  # type: ign
     for _ in range(2):
         response = await pool.request("POST", "/x", HEADERS, b"{}")
         assert await response.read() == b"{}"
-        await response.aclose()
+        response.close()
     assert engine.connections == 2 and pool.idle_connections == 0
     await pool.aclose()
 
@@ -208,7 +208,7 @@ async def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(serve) -> 
     for _ in range(2):
         response = await pool.request("POST", "/x", HEADERS, b"{}")
         assert await response.read() == b'{"ok": 1}'
-        await response.aclose()
+        response.close()
     assert engine.connections == 2 and len(engine.requests) == 3
 
 
@@ -263,7 +263,7 @@ async def test_closing_a_response_early_closes_its_connection(serve) -> None:  #
     response = await pool.request("POST", "/x", HEADERS, b"{}")
     async for _ in response:
         break
-    await response.aclose()
+    response.close()
     await asyncio.wait_for(engine.client_closed.wait(), 5)  # the engine learns nobody reads on
     assert pool.open_connections == 0 and pool.idle_connections == 0
 
@@ -283,7 +283,7 @@ async def test_engine_dying_mid_stream_raises_after_what_it_sent(serve) -> None:
         async for chunk in response:
             chunks.append(chunk)
     assert chunks == [b"data: one\n\n"]
-    await response.aclose()
+    response.close()
     assert pool.open_connections == 0
 
 
@@ -398,7 +398,7 @@ async def test_pipe_raises_when_the_engine_breaks_off(serve) -> None:  # type: i
     with pytest.raises(UpstreamError, match="before the end"):
         await asyncio.wait_for(response.pipe(lambda data: pieces.append(data) is None, asyncio.sleep), 5)
     assert pieces == [b"data: one\n\n"]
-    await response.aclose()
+    response.close()
     assert pool.open_connections == 0
 
 
@@ -427,5 +427,5 @@ async def test_pipe_passes_on_what_was_read_before_it_began_and_a_failing_sink_e
     with pytest.raises(RuntimeError, match="sink broke"):
         await asyncio.wait_for(response.pipe(sink, asyncio.sleep), 5)
     assert pieces == [b"data: one\n\n", b"data: two\n\n"]
-    await response.aclose()  # the reply was not read to its end: its connection is closed
+    response.close()  # the reply was not read to its end: its connection is closed
     assert pool.open_connections == 0 and pool.idle_connections == 0
