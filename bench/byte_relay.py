@@ -22,7 +22,7 @@ from typing import cast
 import psutil
 import uvloop
 
-from .harness import LOCALHOST, BenchError, _stop_process, _tcp_open, free_port, wait_until
+from .harness import LOCALHOST, free_port, stop_process, wait_listening
 
 
 class _Half(asyncio.Protocol):
@@ -101,21 +101,14 @@ class ByteRelay:
             [sys.executable, "-m", "bench.byte_relay", str(self.port), str(self.upstream_port)],
             cwd=Path(__file__).resolve().parents[1], stdin=subprocess.DEVNULL,
         )
-
-        def up() -> bool:
-            assert self.popen is not None
-            if self.popen.poll() is not None:
-                raise BenchError(f"the byte relay exited with {self.popen.returncode}")
-            return _tcp_open(self.port)
-
-        wait_until(up, 15, "the byte relay to listen")
+        wait_listening(self.popen, self.port, "the byte relay")
 
     def pids(self) -> list[int]:
         return [self.popen.pid] if self.popen is not None and psutil.pid_exists(self.popen.pid) else []
 
     def stop(self) -> None:
         if self.popen is not None:
-            _stop_process(self.popen)
+            stop_process(self.popen)
             self.popen = None
 
 

@@ -134,6 +134,19 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, inter
         time.sleep(interval)
 
 
+def wait_listening(popen: subprocess.Popen[bytes], port: int, what: str, log: Path | None = None) -> None:
+    """Wait until `what`, run as `popen`, accepts connections on `port`; BenchError (with the
+    tail of `log`) if it exits first."""
+
+    def up() -> bool:
+        if popen.poll() is not None:
+            tail = f":\n{_log_tail(log)}" if log is not None else ""
+            raise BenchError(f"{what} exited with {popen.returncode}{tail}")
+        return _tcp_open(port)
+
+    wait_until(up, 15, f"{what} to listen")
+
+
 def _tcp_open(port: int) -> bool:
     try:
         with socket.create_connection((LOCALHOST, port), timeout=0.2):
@@ -172,7 +185,8 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
-def _stop_process(popen: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+def stop_process(popen: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    """Send `sig` to `popen` and wait for it; kill it if it is still there after `timeout` seconds."""
     if popen.poll() is None:
         popen.send_signal(sig)
         try:
@@ -222,7 +236,7 @@ class DirectEngine:
         """SIGTERM the engine and wait for it to exit; return the seconds that took."""
         started = time.perf_counter()
         if self.popen is not None:
-            _stop_process(self.popen)
+            stop_process(self.popen)
             self.popen = None
         return time.perf_counter() - started
 
@@ -375,7 +389,7 @@ class Daemon:
             self._api.close()
             self._api = None
         if self.popen is not None:
-            _stop_process(self.popen, timeout=30)
+            stop_process(self.popen, timeout=30)
             self.popen = None
 
 
@@ -450,13 +464,7 @@ class Nginx:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )
 
-        def up() -> bool:
-            assert self.popen is not None
-            if self.popen.poll() is not None:
-                raise BenchError(f"nginx exited with {self.popen.returncode}:\n{_log_tail(log)}")
-            return _tcp_open(self.port)
-
-        wait_until(up, 15, "nginx to listen")
+        wait_listening(self.popen, self.port, "nginx", log)
         # The master listens before it forks its worker; the worker is what serves.
         wait_until(lambda: self.pids()[1:], 15, "nginx's worker to start")
 
@@ -469,7 +477,7 @@ class Nginx:
 
     def stop(self) -> None:
         if self.popen is not None:
-            _stop_process(self.popen, signal.SIGQUIT)
+            stop_process(self.popen, signal.SIGQUIT)
             self.popen = None
 
 
