@@ -66,10 +66,22 @@ def measure(daemon: Daemon, models: list[str], idle_seconds: float, chunk_cpu: d
         "idle_cpu_pct_per_window": percents,
         "rss_mb": rss_mb,
         "uss_mb": memory.uss / 1e6,
-        "chunk_cpu": {name: {"cpu_seconds": c.cpu_seconds, "chunks": c.events} for name, c in chunk_cpu.items()},
+        "chunk_cpu": {
+            name: {"cpu_seconds": c.cpu_seconds, "chunks": c.events, "user_seconds": c.user_seconds,
+                   "system_seconds": c.system_seconds}
+            for name, c in chunk_cpu.items()
+        },
     }
     section.notes.append(
         f"idle CPU over {total_wall:.0f} s in {IDLE_WINDOWS} windows (spread: their range); CPU per chunk over "
         "every streaming batch of the tiny model through that proxy (spread: range over batches)"
     )
+    split = [
+        f"{name} {1e6 * c.user_seconds / c.events:.1f} / {1e6 * c.system_seconds / c.events:.1f}"
+        for name, _ in PROXIES if (c := chunk_cpu.get(name)) is not None and c.events
+    ]
+    if split:
+        section.notes.append(
+            "CPU per 1,000 stream chunks in user space / in the kernel, ms (clock ticks, sampled): " + ", ".join(split)
+        )
     return section

@@ -185,6 +185,19 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """CPU time process `pid` has spent in user space and in the kernel, all its threads together.
+
+    The kernel keeps these two in clock ticks (/proc/PID/stat), sampled rather than counted, so
+    they say how a proxy's CPU divides over many batches, not what one batch cost."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def stop_process(popen: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
     """Send `sig` to `popen` and wait for it; kill it if it is still there after `timeout` seconds."""
     if popen.poll() is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .harness import LOCALHOST, BenchError, Target, cpu_seconds, rotations
+from .harness import LOCALHOST, BenchError, Target, cpu_seconds, rotations, user_system_seconds
 from .httpclient import HttpError, Stream, chat_body, run_streams
 from .report import Section
 from .stats import Figure, median, percentile
@@ -28,9 +28,13 @@ class ChunkCpu:
     """CPU time a proxy's processes spent on its streaming batches, and the events it relayed."""
 
     batches: list[tuple[float, int]] = field(default_factory=list)
+    user_seconds: float = 0.0  # of all batches, tick-sampled (see harness.user_system_seconds)
+    system_seconds: float = 0.0
 
-    def add(self, cpu: float, events: int) -> None:
+    def add(self, cpu: float, events: int, user: float = 0.0, system: float = 0.0) -> None:
         self.batches.append((cpu, events))
+        self.user_seconds += user
+        self.system_seconds += system
 
     @property
     def cpu_seconds(self) -> float:
@@ -169,6 +173,7 @@ def _batch(target: Target, body: bytes, clients: int, tokens: int, pids: list[in
     problem = ""
     for attempt in range(2):
         before = sum(cpu_seconds(pid) for pid in pids)
+        split_before = [user_system_seconds(pid) for pid in pids]
         try:
             streams = run_streams(LOCALHOST, target.port, PATH, body, clients)
         except (OSError, HttpError) as exc:
@@ -177,7 +182,11 @@ def _batch(target: Target, body: bytes, clients: int, tokens: int, pids: list[in
             problem = _problem(streams, tokens)
             if not problem:
                 if counted is not None:
-                    counted.add(sum(cpu_seconds(pid) for pid in pids) - before, sum(len(s.event_times) for s in streams))
+                    cpu = sum(cpu_seconds(pid) for pid in pids) - before
+                    split = [user_system_seconds(pid) for pid in pids]
+                    user = sum(after[0] - start[0] for after, start in zip(split, split_before))
+                    system = sum(after[1] - start[1] for after, start in zip(split, split_before))
+                    counted.add(cpu, sum(len(s.event_times) for s in streams), user, system)
                 return streams
         if attempt == 0:
             section.notes.append(f"{target.name}: a batch of {clients} streams failed and was run again: {problem}")

@@ -134,5 +134,10 @@ def test_smoke_run_produces_every_figure(llama_server_bin: Path, tmp_path: Path)
     cells = {(row["gpus"], row["profiles"]) for row in placement["details"]["grid"]}
     assert cells == {(g, p) for g in SMOKE.grid_gpus for p in SMOKE.grid_profiles}
     assert all(row["sweep_ms"] > 0 for row in placement["details"]["grid"])
+    footprint = next(s for s in document["sections"] if s["name"] == "footprint")
+    for name, spent in footprint["details"]["chunk_cpu"].items():
+        assert spent["chunks"] > 0 and spent["cpu_seconds"] > 0, (name, spent)
+        assert spent["user_seconds"] >= 0 and spent["system_seconds"] >= 0, (name, spent)
+    assert any("in user space / in the kernel" in note for note in footprint["notes"])
     assert "llmd: cold-start overhead" in result.stdout and "goals:" in result.stdout
     assert document["goals"]["met"] + document["goals"]["missed"] + document["goals"]["not_judged"] > 0
