@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -171,6 +172,27 @@ def test_engine_that_fails_to_start_reports_its_log(make_daemon, tmp_path: Path)
     assert result.returncode == 1 and "exited with code" in result.stderr
     assert daemon.state("broken") == "failed"
     assert not engine_processes(daemon.state_dir)
+
+
+def test_a_whole_reply_from_the_engine_reaches_the_client_in_one_piece(make_daemon, tiny_gguf: Path) -> None:
+    # llmd writes a non-streamed reply's head together with its body (`client_link`): with a
+    # real engine behind it, the first read after the reply starts arriving holds all of it,
+    # and the connection carries the next request.
+    daemon = make_daemon({"tiny": tiny_profile(tiny_gguf, ctx=4096)})
+    daemon.llmctl("load", "tiny")
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\n\r\n%b" % (len(body), body))
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+        for _ in range(2):
+            sock.sendall(request)
+            first = sock.recv(1 << 20)
+            head, _, reply = first.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n"), first[:200]
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            assert len(reply) == length, f"first read held {len(reply)} of {length} body bytes"
+            assert json.loads(reply)["choices"][0]["message"]["role"] == "assistant"
 
 
 def test_client_disconnect_cancels_upstream(make_daemon, tiny_gguf: Path) -> None:
