@@ -75,8 +75,11 @@ class _Client(_Half):
             if self.transport is not None:
                 self.transport.close()
             return
-        self.peer = engine
         assert engine.transport is not None
+        if self.transport is None or self.transport.is_closing():
+            engine.transport.close()  # the client left while the engine connection was made
+            return
+        self.peer = engine
         for data in self.pending:
             engine.transport.write(data)
         self.pending.clear()

@@ -31,7 +31,7 @@ class ChunkCpu:
     user_seconds: float = 0.0  # of all batches, tick-sampled (see harness.user_system_seconds)
     system_seconds: float = 0.0
 
-    def add(self, cpu: float, events: int, user: float = 0.0, system: float = 0.0) -> None:
+    def add(self, cpu: float, events: int, user: float, system: float) -> None:
         self.batches.append((cpu, events))
         self.user_seconds += user
         self.system_seconds += system
