@@ -74,10 +74,13 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _server(app: ASGIApp, graceful_seconds: float) -> _Server:
+def _server(app: ASGIApp, graceful_seconds: float, *, forwarded_headers: bool = True) -> _Server:
+    """uvicorn serving `app`; `forwarded_headers` trusts X-Forwarded-For and -Proto from loopback,
+    which the dashboard needs behind a TLS proxy (its cookie is marked Secure from the scheme)."""
     config = uvicorn.Config(
         app,
         http=LinkedHttpProtocol,  # short cuts for relayed streams (see client_link)
+        proxy_headers=forwarded_headers,
         lifespan="off",
         access_log=False,
         log_level="warning",
@@ -123,7 +126,9 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     proxy = Proxy(manager, server.body_timeout)
     # /metrics sits behind the api keys; the request counter sits outside them, so 401s count too.
     proxy_app = build_proxy_app(proxy, server.api_key_values(), extra_routes=manager.metrics.routes())
-    proxy_server = _server(manager.metrics.instrument(proxy_app), server.shutdown_grace)
+    # Nothing on the proxy port reads the client's address or scheme: without the forwarded
+    # headers' middleware, every request skips a layer.
+    proxy_server = _server(manager.metrics.instrument(proxy_app), server.shutdown_grace, forwarded_headers=False)
     api_server = _server(build_api_app(manager), API_SHUTDOWN_GRACE)
     listeners = [(proxy_server, proxy_socket), (api_server, api_socket)]
     management_tcp = _management_over_tcp(manager, server)

@@ -39,7 +39,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .client_link import BODY_TAP_KEY, client_link
-from .openai_errors import CLIENT_GONE
+from .openai_errors import CLIENT_GONE, MODEL_ROUTES, MODELS_LIST_ROUTE
 from .upstream import find_header
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ METRICS_PATH = "/metrics"
 NO_MODEL = ""
 # Paths counted under their own name; anything else is "other", so that clients probing
 # random paths cannot create unbounded label values.
-_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"})
+_ENDPOINTS = frozenset({*MODEL_ROUTES, MODELS_LIST_ROUTE})
 # Set by the proxy on the ASGI scope (through `name_model`) once a request's model is resolved
 # to a profile.
 MODEL_SCOPE_KEY = "llmd.model"

@@ -1,10 +1,15 @@
-"""OpenAI-style error bodies, so SDK clients surface llmd's message unchanged."""
+"""OpenAI's API as llmd serves it: its routes, and error bodies shaped so SDK clients surface
+llmd's message unchanged."""
 
 from __future__ import annotations
 
 import json
 
 from starlette.responses import JSONResponse
+
+# The routes whose request body names a model: each request goes to that model's engine.
+MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+MODELS_LIST_ROUTE = "/v1/models"
 
 # Nginx's code for "client closed request": the status of a reply nobody will receive.
 CLIENT_GONE = 499

@@ -29,7 +29,7 @@ from .client_link import BODY_TAP_KEY, client_link
 from .errors import LlmdError, NoRoomError, UnknownModelError
 from .manager import Manager
 from .metrics import name_model
-from .openai_errors import CLIENT_GONE, error_response
+from .openai_errors import CLIENT_GONE, MODEL_ROUTES, MODELS_LIST_ROUTE, error_response
 from .upstream import Headers, UpstreamError, find_header
 from .upstream import Response as UpstreamResponse
 
@@ -325,9 +325,13 @@ class Proxy:
         self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The ASGI endpoint of the OpenAI routes that name a model (a plain ASGI app, not a
-        Starlette request handler: every request pays for whatever sits on this path)."""
-        response = await self.forward(scope, receive)
+        """The ASGI endpoint of the OpenAI routes that name a model. It is reached before
+        Starlette's router and middleware (`_ModelRoutesFirst`), so it answers its own failures."""
+        try:
+            response = await self.forward(scope, receive)
+        except Exception as exc:
+            log.exception("llmd failed on %s %s", scope["method"], scope["path"])
+            response = internal_error(scope["method"], scope["path"], exc)
         await response(scope, receive, send)
 
     async def forward(self, scope: Scope, receive: Receive) -> Response:
@@ -406,10 +410,34 @@ class Proxy:
         return JSONResponse({"object": "list", "data": data})
 
 
+def internal_error(method: str, path: str, exc: Exception) -> Response:
+    """The reply to a request llmd itself failed on: OpenAI's shape for the client, and the
+    traceback (logged by whoever caught `exc`) for the daemon's log."""
+    return error_response(500, f"llmd failed on {method} {path}: {exc!r}; the daemon's log has the details")
+
+
+class _ModelRoutesFirst:
+    """The proxy port's app. A POST to a route that names a model (nearly every request) goes
+    straight to the proxy, past two layers of Starlette middleware and a search of the routes;
+    every other request goes through Starlette's router, which also answers a wrong path (404)
+    or method (405)."""
+
+    def __init__(self, proxy: Proxy, router: ASGIApp) -> None:
+        self.proxy = proxy
+        self.router = router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in MODEL_ROUTES:
+            await self.proxy(scope, receive, send)
+        else:
+            await self.router(scope, receive, send)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return error_response(404, f"no route {request.method} {request.url.path}; llmd serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models")
+        served = f"{', '.join(MODEL_ROUTES)} and {MODELS_LIST_ROUTE}"
+        return error_response(404, f"no route {request.method} {request.url.path}; llmd serves {served}")
     if exc.status_code == 405:
         # Starlette lists the methods in set order; sorted, the message reads the same every time.
         allowed = ", ".join(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()))
@@ -420,20 +448,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    # Clients still get OpenAI's shape; the traceback goes to the daemon's log.
-    return error_response(500, f"llmd failed on {request.method} {request.url.path}: {exc!r}; the daemon's log has the details")
+    # Starlette's error middleware raises `exc` again once this is sent: uvicorn logs it.
+    return internal_error(request.method, request.url.path, exc)
 
 
 def build_proxy_app(proxy: Proxy, api_keys: Sequence[str] = (), extra_routes: Sequence[Route] = ()) -> ASGIApp:
     """The proxy's ASGI app; with `api_keys`, every route (models list and `extra_routes` included) requires one."""
     routes = [
-        Route("/v1/chat/completions", proxy, methods=["POST"]),
-        Route("/v1/completions", proxy, methods=["POST"]),
-        Route("/v1/embeddings", proxy, methods=["POST"]),
-        Route("/v1/models", proxy.list_models, methods=["GET"]),
+        # Its POSTs never get here (`_ModelRoutesFirst`): the routes make other methods a 405.
+        *(Route(path, proxy, methods=["POST"]) for path in MODEL_ROUTES),
+        Route(MODELS_LIST_ROUTE, proxy.list_models, methods=["GET"]),
         *extra_routes,
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    router = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    app = _ModelRoutesFirst(proxy, router)
     if not api_keys:
         return app
     return BearerAuth(app, api_keys, credential="one of the keys in [server] api_keys", reject=_unauthorized)

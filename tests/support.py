@@ -14,7 +14,7 @@ import anyio
 import httpx
 from starlette.types import ASGIApp
 
-from llmd.daemon.errors import LlmdError, UnknownModelError
+from llmd.daemon.errors import UnknownModelError
 from llmd.daemon.proxy import Proxy, build_proxy_app
 from llmd.daemon.upstream import Pool
 
@@ -31,7 +31,8 @@ class FakeInstance:
 
 
 class FakeManager:
-    """Serves the models named; `acquire_error` makes every acquire fail with it."""
+    """Serves the models named; `acquire_error` makes every acquire fail with it (an LlmdError
+    as the real manager's, any other exception as a fault of llmd's own)."""
 
     def __init__(self, engine: FakeEngine, names: Sequence[str] = ("tiny",)) -> None:
         # Every instance's connections go to `engine`, served in the event loop the proxy runs in.
@@ -41,7 +42,7 @@ class FakeManager:
         self.profiles = SimpleNamespace(profiles={name: FakeProfile(name) for name in names})
         self.in_flight = 0
         self.acquired = 0
-        self.acquire_error: LlmdError | None = None
+        self.acquire_error: Exception | None = None
         self.failures: list[str] = []  # names of the models reported as failed, in order
 
     def resolve(self, model: str) -> FakeProfile:

@@ -197,6 +197,30 @@ def test_engine_that_cannot_start_is_503_without_retry_after() -> None:
     assert "retry-after" not in response.headers
 
 
+def test_a_fault_of_llmds_own_is_a_500_in_openais_shape_and_the_traceback_is_logged(caplog) -> None:  # type: ignore[no-untyped-def]
+    app, manager, _ = fake_proxy_app()
+    bug = RuntimeError("a bug")
+    manager.acquire_error = bug
+    with TestClient(app) as client:
+        response = _chat(client)
+        message = assert_openai_error(response, 500)
+        manager.acquire_error = None
+        assert _chat(client).status_code == 200  # the next request is served
+    assert message == "llmd failed on POST /v1/chat/completions: RuntimeError('a bug'); the daemon's log has the details"
+    failures = [record for record in caplog.records if record.name.startswith("llmd") and record.exc_info is not None]
+    assert len(failures) == 1 and "POST /v1/chat/completions" in failures[0].getMessage()
+    assert failures[0].exc_info is not None and failures[0].exc_info[1] is bug
+
+
+def test_a_fault_on_a_route_that_names_no_model_is_a_500_in_openais_shape() -> None:
+    app, manager, _ = fake_proxy_app()
+    manager.profiles = None  # listing the models now fails
+    # Starlette raises the error again once the 500 is sent, for the server to log.
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/v1/models")
+    assert "llmd failed on GET /v1/models: AttributeError(" in assert_openai_error(response, 500)
+
+
 def test_wrong_method_says_which_to_use() -> None:
     app, _, _ = fake_proxy_app()
     with TestClient(app) as client:
