@@ -7,7 +7,7 @@ relayed event is the floor for any proxy built on the same event loop; the suite
 beside llmd and nginx (the target `relay`), so a report shows how much of llmd's cost is its
 own and how much is Python's.
 
-Run by the suite as `python -m bench.byte_relay LISTEN_PORT ENGINE_PORT`.
+The suite runs it in a process of its own (`ByteRelay`, which calls `serve_forever`).
 """
 
 from __future__ import annotations
@@ -90,6 +90,16 @@ async def _serve(port: int, engine_port: int) -> None:
     await server.serve_forever()
 
 
+def serve_forever(port: int, engine_port: int) -> None:
+    """Relay `port` to the engine at `engine_port` until killed."""
+    uvloop.run(_serve(port, engine_port))
+
+
+# Imported, not run with `-m`: the package imports this module already, and runpy would run
+# a second copy of it as __main__ (with a warning saying so).
+_MAIN = "import sys; from bench.byte_relay import serve_forever; serve_forever(int(sys.argv[1]), int(sys.argv[2]))"
+
+
 @dataclass
 class ByteRelay:
     """The relay in a subprocess of its own, in front of the engine at `upstream_port`."""
@@ -101,7 +111,7 @@ class ByteRelay:
     def start(self) -> None:
         self.port = free_port()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "bench.byte_relay", str(self.port), str(self.upstream_port)],
+            [sys.executable, "-c", _MAIN, str(self.port), str(self.upstream_port)],
             cwd=Path(__file__).resolve().parents[1], stdin=subprocess.DEVNULL,
         )
         wait_listening(self.popen, self.port, "the byte relay")
@@ -114,6 +124,3 @@ class ByteRelay:
             stop_process(self.popen)
             self.popen = None
 
-
-if __name__ == "__main__":
-    uvloop.run(_serve(int(sys.argv[1]), int(sys.argv[2])))
