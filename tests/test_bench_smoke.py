@@ -73,7 +73,8 @@ def _expected_keys(document: dict) -> list[str]:
     keys += [
         "footprint.rss_mb", "footprint.idle_cpu_pct",
         *(f"footprint.{proxy}.cpu_ms_per_1000_chunks" for proxy in tiny_proxies),
-        "coldstart.engine.ready_ms", "coldstart.engine.first_token_ms", "coldstart.llmd.first_token_ms",
+        "coldstart.engine.ready_ms", "coldstart.engine.first_token_ms", "coldstart.llmd_engine.ready_ms",
+        "coldstart.llmd.first_token_ms",
         "coldstart.llmd.overhead_ms",
         "swap.engine.ms", "swap.llmd.ms", "swap.llmd.overhead_ms",
     ]
