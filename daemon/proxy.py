@@ -331,7 +331,7 @@ class Proxy:
             response = await self.forward(scope, receive)
         except Exception as exc:
             log.exception("llmd failed on %s %s", scope["method"], scope["path"])
-            response = internal_error(scope["method"], scope["path"], exc)
+            response = _failure_reply(scope["method"], scope["path"], exc)
         await response(scope, receive, send)
 
     async def forward(self, scope: Scope, receive: Receive) -> Response:
@@ -410,7 +410,7 @@ class Proxy:
         return JSONResponse({"object": "list", "data": data})
 
 
-def internal_error(method: str, path: str, exc: Exception) -> Response:
+def _failure_reply(method: str, path: str, exc: Exception) -> Response:
     """The reply to a request llmd itself failed on: OpenAI's shape for the client, and the
     traceback (logged by whoever caught `exc`) for the daemon's log."""
     return error_response(500, f"llmd failed on {method} {path}: {exc!r}; the daemon's log has the details")
@@ -449,7 +449,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     # Starlette's error middleware raises `exc` again once this is sent: uvicorn logs it.
-    return internal_error(request.method, request.url.path, exc)
+    return _failure_reply(request.method, request.url.path, exc)
 
 
 def build_proxy_app(proxy: Proxy, api_keys: Sequence[str] = (), extra_routes: Sequence[Route] = ()) -> ASGIApp:
