@@ -35,6 +35,7 @@ from .stats import Figure, median
 PATH = "/v1/chat/completions"
 GOAL_MS = 50.0
 _TICK_SECONDS = 1.0 / os.sysconf("SC_CLK_TCK")
+WATCH_SECONDS = 300.0  # as long as `DirectEngine` waits for its own engine
 
 
 def _boot_clock() -> float:
@@ -55,6 +56,7 @@ class _EngineWatch:
     and when its /health first answered 200, polled as `DirectEngine` polls its own."""
 
     def __init__(self, daemon_pid: int) -> None:
+        self._deadline = time.monotonic() + WATCH_SECONDS
         self._daemon = psutil.Process(daemon_pid)
         self._before = {child.pid for child in self._daemon.children(recursive=True)}
         self.spawned: float | None = None  # both on _boot_clock
@@ -64,10 +66,12 @@ class _EngineWatch:
         self._thread = threading.Thread(target=self._watch, name="engine-watch", daemon=True)
         self._thread.start()
 
+    def _watching(self) -> bool:
+        return not self._done.is_set() and time.monotonic() < self._deadline
+
     def _engine(self) -> tuple[int, int]:
         """The new engine's pid and port, once it has exec'd llama-server."""
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not self._done.is_set():
+        while self._watching():
             for child in self._daemon.children(recursive=True):
                 if child.pid in self._before or "llama-server" not in child.name():
                     continue
@@ -83,17 +87,19 @@ class _EngineWatch:
             pid, port = self._engine()
             self.spawned = _started_at(pid)
             while get_status(LOCALHOST, port, "/health") != 200:
-                if self._done.is_set():
+                if not self._watching():
                     return
                 time.sleep(DIRECT_POLL_SECONDS)
             self.ready = _boot_clock()
         except (BenchError, psutil.Error, OSError, ValueError) as exc:
             self.error = f"{type(exc).__name__}: {exc}"
 
-    def load_seconds(self) -> float:
-        """The engine's own start-to-ready time; BenchError if it was not seen."""
+    def stop(self) -> None:
         self._done.set()
         self._thread.join(timeout=10)
+
+    def load_seconds(self) -> float:
+        """The engine's own start-to-ready time, once stopped; BenchError if it was not seen."""
         if self.spawned is None or self.ready is None:
             raise BenchError(f"could not watch the engine llmd started: {self.error or 'it was not seen ready'}")
         return self.ready - self.spawned
@@ -114,8 +120,11 @@ def measure(daemon: Daemon, model: str, reps: int, log_dir: Path) -> Section:
             for side in (("llmd", "direct") if rep % 2 == 0 else ("direct", "llmd")):
                 if side == "llmd":
                     watch = _EngineWatch(daemon.pid)
-                    started = time.perf_counter()
-                    through_llmd.append(first_event(LOCALHOST, daemon.port, PATH, body, started))
+                    try:
+                        started = time.perf_counter()
+                        through_llmd.append(first_event(LOCALHOST, daemon.port, PATH, body, started))
+                    finally:
+                        watch.stop()
                     llmd_engine_load.append(watch.load_seconds())
                     daemon.unload(model)
                 else:
