@@ -20,35 +20,25 @@ llmd spends before the spawn, noticing the engine is ready, and forwarding.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
 import psutil
 
-from .harness import DIRECT_POLL_SECONDS, LOCALHOST, BenchError, Daemon, DirectEngine
+from .harness import DIRECT_POLL_SECONDS, LOCALHOST, BenchError, Daemon, DirectEngine, started_at
 from .httpclient import chat_body, first_event, get_status
 from .report import Section
 from .stats import Figure, median
 
 PATH = "/v1/chat/completions"
 GOAL_MS = 50.0
-_TICK_SECONDS = 1.0 / os.sysconf("SC_CLK_TCK")
 WATCH_SECONDS = 300.0  # as long as `DirectEngine` waits for its own engine
 
 
 def _boot_clock() -> float:
-    """Seconds since boot, on the clock the kernel stamps a process's start with."""
+    """Seconds since boot, on the clock `harness.started_at` reads a process's start from."""
     return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-def _started_at(pid: int) -> float:
-    """When process `pid` started, on `_boot_clock`: the kernel keeps it in clock ticks (10 ms),
-    so this is the middle of its tick, within half a tick of the truth."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[19]) + 0.5) * _TICK_SECONDS  # field 22, `starttime`, counted after the name
 
 
 class _EngineWatch:
@@ -85,7 +75,7 @@ class _EngineWatch:
     def _watch(self) -> None:
         try:
             pid, port = self._engine()
-            self.spawned = _started_at(pid)
+            self.spawned = started_at(pid)
             while get_status(LOCALHOST, port, "/health") != 200:
                 if not self._watching():
                     return

@@ -185,17 +185,33 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+CLOCK_TICK_SECONDS = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the process's name (field 3 is index 0); OSError if
+    the process is gone."""
+    # The name is in parentheses and may hold spaces or parentheses itself: split after the last.
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def user_system_seconds(pid: int) -> tuple[float, float]:
     """CPU time process `pid` has spent in user space and in the kernel, all its threads together.
 
     The kernel keeps these two in clock ticks (/proc/PID/stat), sampled rather than counted, so
     they say how a proxy's CPU divides over many batches, not what one batch cost."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        fields = _stat_fields(pid)
+    except OSError:
         return 0.0, 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    return int(fields[11]) * CLOCK_TICK_SECONDS, int(fields[12]) * CLOCK_TICK_SECONDS
+
+
+def started_at(pid: int) -> float:
+    """When process `pid` started, in seconds on CLOCK_BOOTTIME, the clock the kernel stamps it
+    with. The kernel keeps it in clock ticks (10 ms): this is the middle of its tick, within
+    half a tick of the truth. OSError if the process is gone."""
+    return (int(_stat_fields(pid)[19]) + 0.5) * CLOCK_TICK_SECONDS  # field 22, `starttime`
 
 
 def stop_process(popen: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
