@@ -23,8 +23,8 @@ import httpx
 import psutil
 
 from llmd.daemon.config import default_engines_dir
-from llmd.daemon.supervisor import free_port
-from llmd.daemon.tinymodel import write_tiny_gguf
+from llmd.daemon.engines.supervisor import free_port
+from llmd.daemon.models.tinymodel import write_tiny_gguf
 
 from .httpclient import get_status
 
@@ -83,7 +83,7 @@ def find_llama_server(explicit: Path | None = None) -> Path:
     candidates: list[Path | None] = [explicit]
     if os.environ.get("LLMD_LLAMA_SERVER"):
         candidates.append(Path(os.environ["LLMD_LLAMA_SERVER"]))
-    from llmd.daemon.provision import find_installed_binary
+    from llmd.daemon.engines.provision import find_installed_binary
 
     candidates.append(find_installed_binary(default_engines_dir(), "llama-cpp"))
     on_path = shutil.which("llama-server")

@@ -7,7 +7,7 @@ client in turn:
 
 - `httpx`: an `httpx.AsyncClient` set up as the daemon used to set it up;
 - `aiohttp`: an `aiohttp.ClientSession` (left out when aiohttp is not installed);
-- `upstream`: `llmd.daemon.upstream.Pool`, an asyncio protocol with httptools.
+- `upstream`: `llmd.daemon.http.upstream.Pool`, an asyncio protocol with httptools.
 
 Two workloads, each in rounds that rotate the clients' order so that none always goes first:
 sequential `max_tokens = 1` chat requests (the client's CPU per request, and the latency p50),
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from llmd.daemon.upstream import Pool
+from llmd.daemon.http.upstream import Pool
 
 from .harness import (
     LOCALHOST,

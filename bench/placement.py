@@ -1,4 +1,4 @@
-"""Placement decisions: `llmd.daemon.scheduler.plan` on generated inventories, in-process.
+"""Placement decisions: `llmd.daemon.placement.scheduler.plan` on generated inventories, in-process.
 
 A decision is one call of `plan` for one profile's need against the cards and the models
 running on them. The main case is 8 cards, 200 profiles and 20 running models: every profile
@@ -16,8 +16,8 @@ import random
 import time
 from collections.abc import Sequence
 
-from llmd.daemon.gpus import GpuInfo
-from llmd.daemon.scheduler import ModelNeed, NoFit, RunningModel, plan
+from llmd.daemon.placement.inventory import GpuInfo
+from llmd.daemon.placement.scheduler import ModelNeed, NoFit, RunningModel, plan
 
 from .report import Section
 from .stats import Figure, percentile

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from .validation import read_toml, validate_file_data
+from llmd.daemon.util.validation import read_toml, validate_file_data
 
 CONFIG_ENV = "LLMD_CONFIG"
 SOCKET_ENV = "LLMD_SOCKET"

@@ -22,16 +22,16 @@ from starlette.types import ASGIApp
 
 from llmd.drivers.registry import load_drivers
 
-from .api import build_api_app
-from .config import DaemonConfig, ServerConfig, config_path_from_env, load_config, split_host_port
-from .client_link import LinkedHttpProtocol
-from .errors import LlmdError
-from .listeners import bind_tcp, bind_unix
-from .manager import Manager
-from .profiles import load_profiles
-from .proxy import BearerAuth, Proxy, build_proxy_app
-from .reload import reload_on_sighup
-from .sdnotify import notify, ping_watchdog_forever, watchdog_interval
+from llmd.daemon.web.api import build_api_app
+from llmd.daemon.config import DaemonConfig, ServerConfig, config_path_from_env, load_config, split_host_port
+from llmd.daemon.http.client_link import LinkedHttpProtocol
+from llmd.daemon.errors import LlmdError
+from llmd.daemon.http.listeners import bind_tcp, bind_unix
+from llmd.daemon.manager.core import Manager
+from llmd.daemon.models.profiles import load_profiles
+from llmd.daemon.http.proxy import BearerAuth, Proxy, build_proxy_app
+from llmd.daemon.manager.reload import reload_on_sighup
+from llmd.daemon.util.sdnotify import notify, ping_watchdog_forever, watchdog_interval
 
 log = logging.getLogger("llmd")
 
@@ -102,7 +102,7 @@ def _management_over_tcp(manager: Manager, server: ServerConfig) -> tuple[_Serve
         credential="the [server] management_token",
         reject=lambda message: JSONResponse({"error": message}, status_code=401),
     )
-    from .dashboard_auth import DashboardAuth
+    from llmd.daemon.web.dashboard_auth import DashboardAuth
 
     # A browser cannot send the Bearer header: the dashboard's login trades the token for a cookie.
     app: ASGIApp = DashboardAuth(bearer, token) if manager.config.dashboard.enabled else bearer
@@ -207,7 +207,7 @@ def serve_command(config_path: Path | None) -> None:
 @click.option("--demo", is_flag=True, help="also write a tiny demo model and its profile")
 def init_command(config_path: Path | None, demo: bool) -> None:
     """Create llmd's directories (and, with --demo, a model to try it on)."""
-    from .init_demo import write_demo
+    from llmd.daemon.models.demo import write_demo
 
     try:
         config = load_config(config_path_from_env(config_path))

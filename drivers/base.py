@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from llmd.daemon.estimate import Estimate
-    from llmd.daemon.profiles import Profile
+    from llmd.daemon.placement.estimate import Estimate
+    from llmd.daemon.models.profiles import Profile
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def planned_estimate(request: LaunchRequest) -> Estimate | None:
     with a better message than a guess here could give.
     """
     from llmd.daemon.errors import LlmdError
-    from llmd.daemon.estimate import estimate_profile
+    from llmd.daemon.placement.estimate import estimate_profile
 
     profile = request.profile
     if profile.launch.ctx != request.placement.ctx:

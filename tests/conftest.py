@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from llmd.daemon.config import default_engines_dir
-from llmd.daemon.supervisor import OWNER_ENV, free_port
-from llmd.daemon.tinymodel import write_tiny_gguf
+from llmd.daemon.engines.supervisor import OWNER_ENV, free_port
+from llmd.daemon.models.tinymodel import write_tiny_gguf
 
 BIN = Path(sys.executable).parent
 # CI sets this so that a missing engine fails the run instead of skipping the real-engine tests.
@@ -30,7 +30,7 @@ def _llama_server() -> Path | None:
     override = os.environ.get("LLMD_LLAMA_SERVER")
     if override:
         return Path(override)
-    from llmd.daemon.provision import find_installed_binary
+    from llmd.daemon.engines.provision import find_installed_binary
 
     return find_installed_binary(default_engines_dir(), "llama-cpp")
 
@@ -55,7 +55,7 @@ def engine_command(engine: str) -> list[str]:
         path = _llama_server()
         command = [str(path)] if path is not None and path.exists() else None
     else:
-        from llmd.daemon.provision import find_installed_command
+        from llmd.daemon.engines.provision import find_installed_command
 
         command = find_installed_command(default_engines_dir(), engine)
     if command is None:
@@ -84,7 +84,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A weightless HF model directory for vLLM (start it with `--load-format dummy`)."""
-    from llmd.daemon.tinymodel import write_tiny_hf_dir
+    from llmd.daemon.models.tinymodel import write_tiny_hf_dir
 
     return write_tiny_hf_dir(tmp_path_factory.mktemp("models") / "tiny-hf")
 

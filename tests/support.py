@@ -15,8 +15,8 @@ import httpx
 from starlette.types import ASGIApp
 
 from llmd.daemon.errors import UnknownModelError
-from llmd.daemon.proxy import Proxy, build_proxy_app
-from llmd.daemon.upstream import Pool
+from llmd.daemon.http.proxy import Proxy, build_proxy_app
+from llmd.daemon.http.upstream import Pool
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmd.daemon.atomic_write import write_atomic, write_json_atomic
+from llmd.daemon.util.atomic_write import write_atomic, write_json_atomic
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from starlette.testclient import TestClient
 from conftest import BIN, tiny_profile
 from llmd.daemon.config import load_config
 from llmd.daemon.errors import ConfigError
-from llmd.daemon.profiles import load_profile
-from llmd.daemon.supervisor import free_port
+from llmd.daemon.models.profiles import load_profile
+from llmd.daemon.engines.supervisor import free_port
 from support import FakeEngine, assert_openai_error, daemon_with_server_settings, fake_proxy_app
 
 KEY = "k-0123456789abcdef"
@@ -258,7 +258,7 @@ def test_a_held_management_address_is_reported_under_its_own_setting() -> None:
     import socket
 
     from llmd.daemon.errors import AddressInUseError
-    from llmd.daemon.listeners import bind_tcp
+    from llmd.daemon.http.listeners import bind_tcp
 
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

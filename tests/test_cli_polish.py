@@ -171,10 +171,10 @@ def test_logs_refuses_a_line_count_outside_the_limit(files_only: dict[str, str],
 def test_the_logs_route_refuses_a_negative_line_count(tmp_path: Path) -> None:
     from starlette.testclient import TestClient
 
-    from llmd.daemon.api import build_api_app
+    from llmd.daemon.web.api import build_api_app
     from llmd.daemon.config import DaemonConfig
-    from llmd.daemon.manager import Manager
-    from llmd.daemon.profiles import Profile, ProfileSet
+    from llmd.daemon.manager.core import Manager
+    from llmd.daemon.models.profiles import Profile, ProfileSet
     from llmd.drivers.registry import load_drivers
 
     profile = Profile.model_validate({"engine": "llama-cpp", "model": {"path": str(tmp_path / "m.gguf")}})
@@ -220,7 +220,7 @@ def test_exit_0_and_1_against_a_running_daemon(make_daemon, tiny_gguf: Path) -> 
 
 
 def test_a_socket_llmctl_may_not_open_says_to_join_its_group(tmp_path: Path) -> None:
-    from llmd.daemon.cli_client import Daemon, DaemonUnreachable
+    from llmd.daemon.cli.client import Daemon, DaemonUnreachable
 
     def refuse(request: httpx.Request) -> httpx.Response:
         # What httpx raises for a unix socket whose mode shuts this user out.
@@ -233,7 +233,7 @@ def test_a_socket_llmctl_may_not_open_says_to_join_its_group(tmp_path: Path) -> 
 
 
 def test_error_replies_of_either_shape_and_odd_bodies_give_a_message() -> None:
-    from llmd.daemon.openai_errors import error_message
+    from llmd.daemon.http.openai_errors import error_message
 
     assert error_message(404, b'{"error": "model \'x\' does not exist"}') == "model 'x' does not exist"
     assert error_message(401, b'{"error": {"message": "bad key", "type": "x"}}') == "bad key"

@@ -18,10 +18,10 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmd.daemon.client_link import BODY_TAP_KEY, _HeadHoldingTransport, client_link
+from llmd.daemon.http.client_link import BODY_TAP_KEY, _HeadHoldingTransport, client_link
 from llmd.daemon.main import _server
-from llmd.daemon.metrics import Metrics
-from llmd.daemon.proxy import Proxy, build_proxy_app
+from llmd.daemon.http.metrics import Metrics
+from llmd.daemon.http.proxy import Proxy, build_proxy_app
 from tests.support import FakeManager
 
 pytestmark = pytest.mark.anyio

@@ -15,12 +15,12 @@ import pytest
 from starlette.datastructures import Headers
 
 from conftest import REQUIRE_ENGINES, engine_processes, wait_until
-from llmd.daemon import bench_store
-from llmd.daemon.bench_store import HeadlineCache, bench_path, write_bench
-from llmd.daemon.dashboard import gpu_views
-from llmd.daemon.dashboard_auth import COOKIE, cookie_session, cross_site_problem, login_cookie, session_value
-from llmd.daemon.supervisor import free_port
-from llmd.daemon.units import format_mib
+from llmd.daemon.diagnostics import bench_store
+from llmd.daemon.diagnostics.bench_store import HeadlineCache, bench_path, write_bench
+from llmd.daemon.web.dashboard import gpu_views
+from llmd.daemon.web.dashboard_auth import COOKIE, cookie_session, cross_site_problem, login_cookie, session_value
+from llmd.daemon.engines.supervisor import free_port
+from llmd.daemon.util.units import format_mib
 from support import daemon_with_server_settings
 
 TOKEN = "t-0123456789abcdef0123"
@@ -334,10 +334,10 @@ def test_every_dashboard_file_is_installed_with_the_package() -> None:
     import fnmatch
     import tomllib
 
-    import llmd.daemon.dashboard as dashboard
+    import llmd.daemon.web.dashboard as dashboard
 
     root = Path(__file__).parent.parent
-    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["llmd.daemon"]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["llmd.daemon.web"]
     files = [path.relative_to(dashboard.FILES.parent).as_posix() for path in dashboard.FILES.rglob("*") if path.is_file()]
     assert {"dashboard_files/static/dashboard.js", "dashboard_files/templates/status.html"} <= set(files)
     # setuptools' `*` does not cross a `/`, unlike fnmatch's: compare directory by directory.

@@ -15,10 +15,10 @@ import psutil
 import pytest
 from conftest import BIN
 from llmd.daemon.config import default_engines_dir
-from llmd.daemon.doctor import SMOKE_MODEL, User, check_socket, may
-from llmd.daemon.gpus import CpuOnlyInventory, open_inventory
-from llmd.daemon.provision import list_installed
-from llmd.daemon.supervisor import free_port
+from llmd.daemon.diagnostics.doctor import SMOKE_MODEL, User, check_socket, may
+from llmd.daemon.placement.inventory import CpuOnlyInventory, open_inventory
+from llmd.daemon.engines.provision import list_installed
+from llmd.daemon.engines.supervisor import free_port
 
 
 def _config(root: Path, extra: str = "", port: int | None = None) -> Path:
@@ -90,9 +90,11 @@ def test_simulated_gpus_are_called_simulated(tmp_path: Path) -> None:
 def test_each_engine_is_looked_up_once_per_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from llmd.daemon import cli_doctor, doctor
-    from llmd.daemon.cli import main
-    from llmd.daemon.doctor import CheckResult
+    from llmd.daemon.cli import doctor as cli_doctor
+
+    from llmd.daemon.diagnostics import doctor
+    from llmd.daemon.cli.main import main
+    from llmd.daemon.diagnostics.doctor import CheckResult
 
     looked_up: list[str] = []
 

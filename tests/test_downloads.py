@@ -18,8 +18,10 @@ import huggingface_hub
 import pytest
 from huggingface_hub import constants
 
-from llmd.daemon import downloads, pull
-from llmd.daemon.downloads import (
+from llmd.daemon.models import downloads
+
+from llmd.daemon.models import pull
+from llmd.daemon.models.downloads import (
     CorruptDownloadError,
     DiskFullError,
     DownloadCancelledError,
@@ -32,8 +34,8 @@ from llmd.daemon.downloads import (
     resolve_cached,
 )
 from llmd.daemon.errors import LlmdError
-from llmd.daemon.profiles import ModelSource
-from llmd.daemon.supervisor import free_port
+from llmd.daemon.models.profiles import ModelSource
+from llmd.daemon.engines.supervisor import free_port
 
 from hub_standin import HubStandin
 
@@ -401,8 +403,8 @@ def test_hf_endpoint_and_hf_token_reach_a_fresh_process(hub: HubStandin, hf_cach
     content = payload(MIB, "gguf")
     hub.add_commit(REPO, {GGUF: content}, private=True)
     script = (
-        "from llmd.daemon.downloads import download\n"
-        "from llmd.daemon.profiles import ModelSource\n"
+        "from llmd.daemon.models.downloads import download\n"
+        "from llmd.daemon.models.profiles import ModelSource\n"
         f"print(download(ModelSource(hf_repo={REPO!r}, hf_file={GGUF!r}), lambda p: None))\n"
     )
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "GOOD"}

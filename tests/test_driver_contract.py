@@ -25,10 +25,10 @@ import pytest
 
 from conftest import engine_command, engine_processes, wait_until
 from llmd.daemon.config import DaemonConfig
-from llmd.daemon.engines import resolve_command
+from llmd.daemon.engines.commands import resolve_command
 from llmd.daemon.errors import EngineNotInstalledError
-from llmd.daemon.profiles import Profile
-from llmd.daemon.supervisor import EngineProcess, free_port, spawn_engine
+from llmd.daemon.models.profiles import Profile
+from llmd.daemon.engines.supervisor import EngineProcess, free_port, spawn_engine
 from llmd.drivers.base import GpuShare, LaunchRequest, LaunchSpec, Placement, load_progress
 from llmd.drivers.registry import load_drivers
 

@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from llmd.daemon.estimate import (
+from llmd.daemon.placement.estimate import (
     GPU_OVERHEAD_MIB,
     Estimate,
     EstimateError,
@@ -22,8 +22,8 @@ from llmd.daemon.estimate import (
     estimate_profile,
     kv_cells,
 )
-from llmd.daemon.profiles import Profile
-from llmd.daemon.tinymodel import tiny_vocab, write_tiny_gguf
+from llmd.daemon.models.profiles import Profile
+from llmd.daemon.models.tinymodel import tiny_vocab, write_tiny_gguf
 
 MIB = 1024 * 1024
 F32 = 4

@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmd.daemon.estimate import estimate_gguf
-from llmd.daemon.tinymodel import write_tiny_gguf
+from llmd.daemon.placement.estimate import estimate_gguf
+from llmd.daemon.models.tinymodel import write_tiny_gguf
 
 pytestmark = pytest.mark.engine
 

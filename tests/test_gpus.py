@@ -10,7 +10,7 @@ import pynvml
 import pytest
 
 from llmd.daemon.errors import ConfigError
-from llmd.daemon.gpus import (
+from llmd.daemon.placement.inventory import (
     CpuOnlyInventory,
     GpuInfo,
     GpuProcess,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmd.daemon.profiles import Profile
+from llmd.daemon.models.profiles import Profile
 from llmd.drivers.base import GpuShare, LaunchRequest, Placement
 from llmd.drivers.llama_cpp import LlamaCppDriver
 

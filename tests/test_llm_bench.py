@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_profile
-from llmd.daemon.bench_store import read_bench
-from llmd.daemon.llm_bench import parse_concurrency
+from llmd.daemon.diagnostics.bench_store import read_bench
+from llmd.daemon.diagnostics.llm_bench import parse_concurrency
 from support import daemon_with_server_settings
 
 pytestmark = pytest.mark.engine

@@ -16,7 +16,7 @@ import pytest
 from conftest import wait_until
 from llmd.daemon.config import load_config
 from llmd.daemon.errors import ConfigError
-from llmd.daemon.metrics import MIB, MODEL_SCOPE_KEY, Metrics, RequestMetrics, name_model
+from llmd.daemon.http.metrics import MIB, MODEL_SCOPE_KEY, Metrics, RequestMetrics, name_model
 from prometheus_client.parser import text_string_to_metric_families
 from support import daemon_with_server_settings
 
@@ -275,7 +275,7 @@ def test_the_metrics_setting_is_read_and_checked(tmp_path: Path) -> None:
 
 def test_per_chunk_cost_is_small() -> None:
     """The hot path: what RequestMetrics adds to sending one ordinary stream chunk."""
-    from llmd.daemon.metrics import _Exchange
+    from llmd.daemon.http.metrics import _Exchange
 
     metrics = _metrics()
     chunk = _event({"choices": [{"index": 0, "delta": {"content": "word"}}], "object": "chat.completion.chunk",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmd.daemon.gpus import GpuInfo, GpuProcess
-from llmd.daemon.planner import Planner
-from llmd.daemon.profiles import Profile
-from llmd.daemon.scheduler import Plan
-from llmd.daemon.tinymodel import write_tiny_gguf
+from llmd.daemon.placement.inventory import GpuInfo, GpuProcess
+from llmd.daemon.placement.planner import Planner
+from llmd.daemon.models.profiles import Profile
+from llmd.daemon.placement.scheduler import Plan
+from llmd.daemon.models.tinymodel import write_tiny_gguf
 
 
 class FakeNvml:
@@ -77,8 +77,8 @@ def test_manager_waits_until_the_gpus_show_evicted_memory_released(tmp_path: Pat
     import anyio
 
     from llmd.daemon.config import DaemonConfig
-    from llmd.daemon.manager import Manager
-    from llmd.daemon.profiles import ProfileSet
+    from llmd.daemon.manager.core import Manager
+    from llmd.daemon.models.profiles import ProfileSet
 
     config = DaemonConfig.model_validate({"server": {"state_dir": str(tmp_path)}, "gpus": {"release_timeout": 0.5}})
     manager = Manager(config, {}, ProfileSet())
@@ -100,7 +100,7 @@ def test_manager_waits_until_the_gpus_show_evicted_memory_released(tmp_path: Pat
 def test_a_launch_reuses_the_planned_estimate_until_the_model_file_changes(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import os
 
-    from llmd.daemon import planner as planner_module
+    from llmd.daemon.placement import planner as planner_module
     from llmd.drivers.base import LaunchRequest, planned_estimate
 
     model = write_tiny_gguf(tmp_path / "m.gguf")

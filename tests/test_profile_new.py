@@ -14,8 +14,8 @@ import httpx
 import pytest
 from conftest import BIN, write_client_config
 from hub_standin import HubStandin
-from llmd.daemon.profile_writer import HubFile, choose_gguf, quant_of
-from llmd.daemon.profiles import load_profile
+from llmd.daemon.models.profile_writer import HubFile, choose_gguf, quant_of
+from llmd.daemon.models.profiles import load_profile
 
 GGUF_REPO = "acme/tiny-GGUF"
 HF_REPO = "acme/tiny-hf"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from llmd.daemon.durations import format_duration, parse_duration
+from llmd.daemon.util.durations import format_duration, parse_duration
 from llmd.daemon.errors import ConfigError
-from llmd.daemon.profiles import load_profile, load_profiles
+from llmd.daemon.models.profiles import load_profile, load_profiles
 from llmd.drivers.registry import load_drivers
 
 REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from llmd.daemon.cli_output import Progress
+from llmd.daemon.cli.output import Progress
 from llmd.daemon.config import DaemonConfig
-from llmd.daemon.manager import Instance, Manager, State
-from llmd.daemon.profiles import Profile, ProfileSet
+from llmd.daemon.manager.core import Instance, Manager, State
+from llmd.daemon.models.profiles import Profile, ProfileSet
 
 
 class _Loading:

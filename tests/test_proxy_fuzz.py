@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 
 from support import assert_openai_error, fake_proxy_app
 from llmd.daemon.errors import EngineStartError, NoRoomError
-from llmd.daemon.proxy import MAX_MODEL_CHARS, BadRequest, parse_request
+from llmd.daemon.http.proxy import MAX_MODEL_CHARS, BadRequest, parse_request
 
 KEY = "fuzz-key-0123456789"
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"]

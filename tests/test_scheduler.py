@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmd.daemon.estimate import Estimate
-from llmd.daemon.gpus import GpuInfo
-from llmd.daemon.profiles import Profile
-from llmd.daemon.scheduler import ModelNeed, NoFit, Plan, RunningModel, need_for_profile, plan
+from llmd.daemon.placement.estimate import Estimate
+from llmd.daemon.placement.inventory import GpuInfo
+from llmd.daemon.models.profiles import Profile
+from llmd.daemon.placement.scheduler import ModelNeed, NoFit, Plan, RunningModel, need_for_profile, plan
 
 MIB = 1024 * 1024
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from conftest import engine_processes, wait_until
-from llmd.daemon.tinymodel import write_tiny_gguf
+from llmd.daemon.models.tinymodel import write_tiny_gguf
 
 pytestmark = pytest.mark.engine
 
@@ -115,7 +115,7 @@ def test_tensor_parallel_profile_takes_both_cards(make_daemon, tiny_gguf: Path, 
 
 
 def test_offload_profile_gets_a_partial_layer_count(make_daemon, tmp_path: Path) -> None:
-    from llmd.daemon.estimate import estimate_gguf
+    from llmd.daemon.placement.estimate import estimate_gguf
 
     model = write_tiny_gguf(tmp_path / "deep.gguf", n_layers=8, n_embd=256, n_ff=512, n_head=4, n_head_kv=4)
     estimate = estimate_gguf(model, 512)

@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from conftest import engine_processes, tiny_profile, wait_until
-from llmd.daemon.manager import PARKED_DEFAULT_MIB
-from llmd.daemon.units import format_mib
+from llmd.daemon.manager.core import PARKED_DEFAULT_MIB
+from llmd.daemon.util.units import format_mib
 
 FAKE_VLLM = Path(__file__).with_name("fake_vllm.py")
 CARD_MIB = 2000
@@ -160,8 +160,8 @@ def test_an_engine_that_will_not_wake_is_started_afresh(daemon) -> None:  # type
 
 
 def _ready_instance(host_ram_mib: int, gpus: tuple[int, ...] = (0,)):  # type: ignore[no-untyped-def]
-    from llmd.daemon.manager import Instance, State
-    from llmd.daemon.profiles import Profile
+    from llmd.daemon.manager.core import Instance, State
+    from llmd.daemon.models.profiles import Profile
     from llmd.drivers.base import GpuShare, LaunchSpec, Placement, SleepControl
 
     profile = Profile.model_validate({"engine": "vllm", "model": {"path": "/models/x"}})
@@ -174,7 +174,7 @@ def _ready_instance(host_ram_mib: int, gpus: tuple[int, ...] = (0,)):  # type: i
 
 def test_parking_needs_a_sleep_capable_gpu_engine_and_host_ram_for_its_weights(tmp_path: Path) -> None:
     from llmd.daemon.config import DaemonConfig
-    from llmd.daemon.manager import HOST_RAM_MARGIN_MIB, Manager, State
+    from llmd.daemon.manager.core import HOST_RAM_MARGIN_MIB, Manager, State
     from llmd.drivers.base import LaunchSpec
 
     config = DaemonConfig.model_validate({"server": {"state_dir": str(tmp_path)}})
@@ -201,7 +201,7 @@ def test_parking_needs_a_sleep_capable_gpu_engine_and_host_ram_for_its_weights(t
 
 def test_models_parked_by_one_plan_share_one_host_ram_budget(tmp_path: Path) -> None:
     from llmd.daemon.config import DaemonConfig
-    from llmd.daemon.manager import Manager
+    from llmd.daemon.manager.core import Manager
 
     manager = Manager(DaemonConfig.model_validate({"server": {"state_dir": str(tmp_path)}}), {}, None)  # type: ignore[arg-type]
     budget = manager._parking_budget_mib()

@@ -21,7 +21,7 @@ _SPAWNER = textwrap.dedent("""\
     import time
     from pathlib import Path
 
-    from llmd.daemon.supervisor import spawn_engine
+    from llmd.daemon.engines.supervisor import spawn_engine
     from llmd.drivers.base import LaunchSpec
 
     def no_library(*args, **kwargs):

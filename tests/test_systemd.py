@@ -20,7 +20,7 @@ def test_ready_watchdog_and_stopping_reach_notify_socket(tmp_path: Path) -> None
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(tmp_path / "notify.sock"))
     listener.setblocking(False)
-    from llmd.daemon.supervisor import free_port
+    from llmd.daemon.engines.supervisor import free_port
 
     port = free_port()
     (tmp_path / "llmd.toml").write_text(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from llmd.daemon.tinymodel import CHAT_TEMPLATE, tiny_vocab, write_tiny_gguf
+from llmd.daemon.models.tinymodel import CHAT_TEMPLATE, tiny_vocab, write_tiny_gguf
 
 
 def _field(reader: GGUFReader, key: str):
@@ -115,7 +115,7 @@ def test_hf_dir_for_vllm(tmp_path: Path) -> None:
 
     from tokenizers import Tokenizer
 
-    from llmd.daemon.tinymodel import write_tiny_hf_dir
+    from llmd.daemon.models.tinymodel import write_tiny_hf_dir
 
     path = write_tiny_hf_dir(tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing left from the atomic write

@@ -1,4 +1,4 @@
-"""The proxy's engine connection pool (`llmd.daemon.upstream`) against a real loopback server
+"""The proxy's engine connection pool (`llmd.daemon.http.upstream`) against a real loopback server
 that answers as scripted: framing, keep-alive, stale connections, and closing early."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import pytest
-from llmd.daemon.upstream import JOIN_LIMIT, READ_HIGH_WATER, Pool, UpstreamError
+from llmd.daemon.http.upstream import JOIN_LIMIT, READ_HIGH_WATER, Pool, UpstreamError
 
 pytestmark = pytest.mark.anyio
 
@@ -243,7 +243,7 @@ async def test_fresh_connection_closed_without_an_answer_fails(serve) -> None:  
 
 
 async def test_nothing_listening_fails_with_upstream_error() -> None:
-    from llmd.daemon.supervisor import free_port
+    from llmd.daemon.engines.supervisor import free_port
 
     with pytest.raises(UpstreamError, match="cannot connect"):
         await Pool("127.0.0.1", free_port()).request("POST", "/x", HEADERS, b"{}")

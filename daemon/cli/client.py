@@ -1,0 +1,146 @@
+"""How `llmctl` reaches the daemon, and the exit codes it reports.
+
+Exit codes scripts can rely on (docs/cli.md lists them per command):
+  0  done
+  1  the daemon refused or failed the action, or a local step failed (the message says why)
+  2  bad usage: unknown command, bad option or argument value
+  3  the daemon is not reachable on its socket
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import httpx
+
+from llmd.daemon.config import DaemonConfig, config_path_from_env, default_socket, load_config
+from llmd.daemon.errors import LlmdError
+from llmd.daemon.http.openai_errors import error_message
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    click.echo(f"llmctl: {message}", err=True)
+    sys.exit(code)
+
+
+class DaemonUnreachable(Exception):
+    """The management socket does not answer; the message says what to check."""
+
+
+class Daemon:
+    """A small client for the management API. `timeout` bounds connecting (and, if set, reading)."""
+
+    def __init__(self, socket_path: Path, timeout: float | None = None) -> None:
+        self.socket_path = socket_path
+        # Loads and log follows stream for as long as they take: no read timeout by default.
+        limit = httpx.Timeout(30.0, read=None) if timeout is None else httpx.Timeout(timeout)
+        self.client = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://llmd", timeout=limit
+        )
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # httpx wraps the socket's OSError; the cause tells "not allowed" from "not running".
+            if isinstance(_root_cause(exc), PermissionError):
+                raise DaemonUnreachable(
+                    f"permission denied on {self.socket_path}: join the socket's group (e.g. `llmd`)"
+                ) from None
+            raise DaemonUnreachable(
+                f"cannot reach llmd on {self.socket_path}: is `llmd serve` running? "
+                "(set --socket or LLMD_SOCKET if it listens elsewhere)"
+            ) from None
+        except httpx.TransportError as exc:
+            # The daemon went away mid-answer (stopped, crashed) or did not answer in time.
+            raise DaemonUnreachable(f"lost the connection to llmd on {self.socket_path} ({exc or type(exc).__name__})") from None
+
+    @contextlib.contextmanager
+    def _exit_if_unreachable(self) -> Iterator[None]:
+        try:
+            yield
+        except DaemonUnreachable as exc:
+            fail(str(exc), EXIT_UNREACHABLE)
+
+    def query(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The answer whatever its status; raises DaemonUnreachable."""
+        with self._errors():
+            return self.client.request(method, path, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON answer; raises DaemonUnreachable, or exits 1 with the daemon's error."""
+        response = self.query(method, path, **kwargs)
+        if response.status_code >= 400:
+            fail(error_text(response))
+        try:
+            return response.json()
+        except ValueError:
+            fail(f"llmd on {self.socket_path} answered {method} {path} with something that is not JSON: "
+                 f"{response.text[:200]!r}; is another program listening on that socket?")
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Like `request`, but an unreachable daemon ends llmctl with exit code 3."""
+        with self._exit_if_unreachable():
+            return self.request(method, path, **kwargs)
+
+    def stream_lines(self, method: str, path: str, **kwargs: Any) -> Iterator[str]:
+        with self._exit_if_unreachable(), self._errors(), self.client.stream(method, path, **kwargs) as response:
+            if response.status_code >= 400:
+                response.read()
+                fail(error_text(response))
+            yield from response.iter_lines()
+
+    def stream_bytes(self, path: str, **kwargs: Any) -> Iterator[bytes]:
+        with self._exit_if_unreachable(), self._errors(), self.client.stream("GET", path, **kwargs) as response:
+            if response.status_code >= 400:
+                response.read()
+                fail(error_text(response))
+            yield from response.iter_raw()
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
+def error_text(response: httpx.Response) -> str:
+    return error_message(response.status_code, response.content)
+
+
+def root_options(ctx: click.Context) -> dict[str, Any]:
+    """--socket and --config as given to `llmctl`, also while completing (when no callback has run)."""
+    root = ctx.find_root()
+    return {"socket": root.params.get("socket_path"), "config": root.params.get("config_path")}
+
+
+def cli_config(ctx: click.Context) -> DaemonConfig:
+    """llmd.toml as llmctl finds it (--config, $LLMD_CONFIG, the user's config); raises LlmdError."""
+    return load_config(config_path_from_env(root_options(ctx)["config"]))
+
+
+def socket_path(ctx: click.Context) -> Path:
+    """--socket / $LLMD_SOCKET, else the socket named in llmd.toml, else the default; raises LlmdError."""
+    explicit = root_options(ctx)["socket"]
+    if explicit is not None:
+        return Path(explicit)
+    path = config_path_from_env(root_options(ctx)["config"])
+    return load_config(path).server.socket if path else default_socket()
+
+
+def daemon_for(ctx: click.Context, timeout: float | None = None) -> Daemon:
+    try:
+        return Daemon(socket_path(ctx), timeout)
+    except LlmdError as exc:
+        fail(str(exc))

@@ -1,0 +1,260 @@
+"""`llmctl`: talk to a running llmd over its unix socket (and write profiles, list engines, complete names).
+
+Exit codes scripts can rely on (docs/cli.md has them per command):
+  0  done
+  1  the daemon refused or failed the action, or a local step failed (the message says why)
+  2  bad usage (unknown command, bad option or argument value)
+  3  the daemon is not reachable on its socket
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from llmd.daemon.cli.client import EXIT_FAILED, daemon_for, fail
+from llmd.daemon.cli.complete import complete_model_names
+from llmd.daemon.cli.output import dash as _dash
+from llmd.daemon.cli.output import Progress, echo_json, echo_plan
+from llmd.daemon.cli.output import table as _table
+from llmd.daemon.util.durations import format_duration
+from llmd.daemon.util.log_lines import DEFAULT_LOG_LINES, MAX_LOG_LINES
+from llmd.daemon.models.profiles import check_model_name
+from llmd.daemon.util.units import format_mib
+
+@click.group()
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="LLMD_SOCKET",
+              help="llmd's management socket (default: from llmd.toml, else $XDG_RUNTIME_DIR/llmd/llmd.sock)")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="llmd.toml to read paths from (default: $LLMD_CONFIG)")
+@click.pass_context
+def main(ctx: click.Context, socket_path: Path | None, config_path: Path | None) -> None:
+    """Control a running llmd: load, unload and inspect models.
+
+    Exit codes: 0 done, 1 failed or refused, 2 bad usage, 3 llmd not reachable.
+    """
+
+
+def _check_name(name: str) -> str:
+    """Refuse a name that is not a model id before it goes into a URL path."""
+    try:
+        return check_model_name(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+
+
+@main.command()
+@click.argument("name", shell_complete=complete_model_names)
+@click.option("--replace", "old", metavar="OLD", shell_complete=complete_model_names,
+              help="swap OLD out for NAME (OLD stops once NAME is ready, or first if both do not fit)")
+@click.pass_context
+def load(ctx: click.Context, name: str, old: str | None) -> None:
+    """Start NAME's engine and wait until it is ready, showing progress."""
+    _check_name(name)
+    if old:
+        _check_name(old)
+    params = {"replace": old} if old else {}
+
+    def progress_text(event: dict[str, Any]) -> str:
+        text = f"{name}: {event['message'] or 'loading'} ({event['elapsed_s']:.1f}s)"
+        if event.get("log"):
+            text += f"  | {event['log'][:100]}"
+        return text
+
+    lines = daemon_for(ctx).stream_lines("POST", f"/v1/models/{name}/load", params=params)
+    ready = _follow_job(lines, "ready", progress_text)
+    if ready is not None:
+        status = ready["status"]
+        took = f" in {status['load_s']:.2f}s" if status.get("load_s") is not None else ""
+        click.echo(f"{name} is ready{took} (pid {status['pid']}, port {status['port']})")
+
+
+@main.command()
+@click.argument("name", shell_complete=complete_model_names)
+@click.pass_context
+def pull(ctx: click.Context, name: str) -> None:
+    """Download NAME's model files (Hugging Face) without loading it."""
+    _check_name(name)
+    lines = daemon_for(ctx).stream_lines("POST", f"/v1/models/{name}/pull")
+    if _follow_job(lines, "done", lambda event: event["message"]) is not None:
+        click.echo(f"{name}: model files are complete")
+
+
+def _follow_job(lines: Iterable[str], final: str, progress_text: Callable[[dict[str, Any]], str]) -> dict[str, Any] | None:
+    """Follow a job's NDJSON events (`POST .../load`, `.../pull`), showing each progress event's
+    `progress_text` (an empty one shows nothing), until the `final` event, which is returned.
+    An error event ends llmctl with exit code 1 and the daemon's message."""
+    progress = Progress()
+    for line in lines:
+        if not line.strip():
+            continue
+        event = json.loads(line)
+        if event["event"] == "progress":
+            text = progress_text(event)
+            if text:
+                progress(text)
+        elif event["event"] == "error":
+            progress.keep()
+            fail(event["message"])
+        elif event["event"] == final:
+            progress.clear()
+            return event
+    return None
+
+
+@main.command()
+@click.argument("name", required=False, shell_complete=complete_model_names)
+@click.option("--all", "unload_all", is_flag=True, help="unload every model")
+@click.pass_context
+def unload(ctx: click.Context, name: str | None, unload_all: bool) -> None:
+    """Stop NAME's engine (or every engine with --all)."""
+    if bool(name) == unload_all:
+        raise click.UsageError("give a model NAME or --all")
+    if name:
+        _check_name(name)
+    daemon = daemon_for(ctx)
+    if unload_all:
+        result = daemon.call("POST", "/v1/unload")
+        click.echo(f"unloaded: {', '.join(result['unloaded']) or 'nothing was running'}")
+        return
+    result = daemon.call("POST", f"/v1/models/{name}/unload")
+    click.echo(f"{result['model']}: {'unloaded' if result['unloaded'] else 'was not running'}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON (raw MiB and seconds, with each engine's argv)")
+@click.pass_context
+def ps(ctx: click.Context, as_json: bool) -> None:
+    """Models that have run since the daemon started, and their state."""
+    models = daemon_for(ctx).call("GET", "/v1/ps")["models"]
+    if as_json:
+        echo_json(models)
+        return
+    rows = [
+        [m["model"], m["engine"], _state(m), _dash(m["pid"]), _dash(m["port"]), _where(m),
+         format_mib(m["vram_mib"]) if m["vram_mib"] else "-", format_duration(m["uptime_s"]),
+         format_duration(m["idle_s"]), str(m["in_flight"])]
+        for m in models
+    ]
+    click.echo(_table(rows, ["model", "engine", "state", "pid", "port", "gpus", "vram", "uptime", "idle", "busy"]))
+    for m in models:
+        if m["state"] == "failed" and m["error"]:
+            click.echo(f"\n{m['model']} failed: {m['error']}", err=True)
+
+
+def _state(row: dict[str, Any]) -> str:
+    """The state; for a parked engine, with the host RAM its weights hold meanwhile."""
+    if row["state"] == "sleeping" and row.get("host_ram_mib"):
+        return f"sleeping ({format_mib(row['host_ram_mib'])} RAM)"
+    return str(row["state"])
+
+
+def _where(row: dict[str, Any]) -> str:
+    """"cpu", "0,1", or "0 (20 layers; 12 MoE on cpu)" for an offloaded model."""
+    if row["pid"] is None:
+        return "-"
+    if not row["gpus"]:
+        return "cpu"
+    where = ",".join(map(str, row["gpus"]))
+    split = []
+    if row.get("gpu_layers") is not None:
+        split.append(f"{row['gpu_layers']} layers")
+    if row.get("cpu_moe_layers"):
+        split.append(f"{row['cpu_moe_layers']} MoE on cpu")
+    return f"{where} ({'; '.join(split)})" if split else where
+
+
+@main.command()
+@click.argument("name", shell_complete=complete_model_names)
+@click.option("--json", "as_json", is_flag=True, help="print JSON (raw MiB)")
+@click.pass_context
+def plan(ctx: click.Context, name: str, as_json: bool) -> None:
+    """What loading NAME now would need and do (nothing is loaded). Exits 1 if it does not fit now."""
+    _check_name(name)
+    report = daemon_for(ctx).call("GET", f"/v1/models/{name}/plan")
+    if as_json:
+        echo_json(report)
+    elif echo_plan(report):
+        return
+    if not report["fits"]:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON (raw MiB)")
+@click.pass_context
+def gpus(ctx: click.Context, as_json: bool) -> None:
+    """The GPUs, their memory, and which model holds what."""
+    report = daemon_for(ctx).call("GET", "/v1/gpus")
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(report["note"])
+    rows = [
+        [str(g["index"]), g["name"], format_mib(g["used_mib"]), format_mib(g["free_mib"]), format_mib(g["total_mib"]),
+         ", ".join(f"{m['model']} {format_mib(m['vram_mib'])}" for m in g["models"]) or "-",
+         format_mib(g["foreign_mib"]) if g["foreign_mib"] else "-"]
+        for g in report["gpus"]
+    ]
+    if rows:
+        click.echo(_table(rows, ["gpu", "name", "used", "free", "total", "llmd models", "others"]))
+
+
+@main.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+def list_profiles(ctx: click.Context, as_json: bool) -> None:
+    """Profiles the daemon found, valid or not."""
+    profiles = daemon_for(ctx).call("GET", "/v1/profiles")["profiles"]
+    if as_json:
+        echo_json(profiles)
+        return
+    rows = [
+        [p["name"], _dash(p["engine"]), "ok" if p["valid"] else "INVALID", _dash(p["state"]),
+         ",".join(p["aliases"]) or "-", _dash(p["ttl"]), _dash(p.get("bench")), _dash(p["model"])]
+        for p in profiles
+    ]
+    click.echo(_table(rows, ["name", "engine", "profile", "state", "aliases", "ttl", "bench", "model"]))
+    for p in profiles:
+        if not p["valid"]:
+            click.echo(f"\n{p['error']}", err=True)
+
+
+@main.command()
+@click.argument("name", shell_complete=complete_model_names)
+@click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
+@click.option("-n", "--lines", type=click.IntRange(0, MAX_LOG_LINES), default=DEFAULT_LOG_LINES, show_default=True,
+              help="how many lines of the end to show")
+@click.pass_context
+def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
+    """Print NAME's engine log."""
+    _check_name(name)
+    params = {"lines": lines, "follow": "1" if follow else "0"}
+    try:
+        for chunk in daemon_for(ctx).stream_bytes(f"/v1/models/{name}/logs", params=params):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+from llmd.daemon.cli.engines import engines  # noqa: E402  (registers the `engines` group)
+
+main.add_command(engines)
+
+from llmd.daemon.cli.complete import completion  # noqa: E402
+from llmd.daemon.cli.profile import profile  # noqa: E402
+
+main.add_command(completion)
+main.add_command(profile)
+
+from llmd.daemon.cli.bench import bench  # noqa: E402
+from llmd.daemon.cli.doctor import doctor  # noqa: E402
+
+main.add_command(bench)
+main.add_command(doctor)

@@ -1,0 +1,255 @@
+"""Engine processes: spawn in their own process group, wait for readiness, stop the whole group.
+
+Each engine runs in a new session (so it leads its own process group) with PR_SET_PDEATHSIG,
+so the kernel kills it if llmd dies. Stopping signals the group, not the pid: engines such as
+vLLM fork workers that would otherwise outlive their parent and keep holding memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from llmd.drivers.base import LaunchSpec
+
+from llmd.daemon.util import loopback
+from llmd.daemon.errors import EngineStartError
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+# libc's prctl, looked up once here in the parent. The child runs `_die_with_parent` between
+# fork and exec, where loading a library (dlopen, malloc) can deadlock on a lock another
+# thread of the parent held at the fork; there it only makes the call.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+_prctl.restype = ctypes.c_int
+
+# Readiness is probed this often: fast enough that llmd adds next to nothing to a cold start.
+READY_POLL_SECONDS = 0.01
+LOG_TAIL_LINES = 20
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
+    """A port that a bind just proved free, and that no engine of ours holds."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if not taken or port not in taken:
+            return port
+    raise OSError("no free port found")
+
+
+def tail_lines(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last `lines` lines of a log, reading only its end."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            data = fh.read()
+    except FileNotFoundError:
+        return []
+    return [line for line in data.decode(errors="replace").splitlines()][-lines:]
+
+
+async def http_ok(port: int, path: str, timeout: float) -> bool:
+    """GET `path` on a fresh loopback connection, closed right after: True on a 200.
+
+    A probe never leaves an idle keep-alive connection behind: llama-server takes about 100 ms
+    longer to exit on SIGTERM while a client holds one. Plain sockets also keep the probe cheap
+    enough to run every second per engine, and every 10 ms while one loads.
+    """
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    loop = asyncio.get_running_loop()
+    head = b""
+    try:
+        with anyio.fail_after(timeout):
+            with await loopback.connect("127.0.0.1", port) as sock:
+                await loop.sock_sendall(sock, request)
+                while b"\r\n" not in head and len(head) < 256:
+                    data = await loop.sock_recv(sock, 256)
+                    if not data:
+                        return False
+                    head += data
+    except (OSError, TimeoutError):
+        return False
+    status = head.split(b"\r\n", 1)[0].split(b" ")
+    return len(status) >= 2 and status[1] == b"200"
+
+
+def process_tree(pid: int) -> set[int]:
+    """`pid` and all its descendants (vLLM's workers, for one, hold VRAM of their own)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return {pid, *(child.pid for child in root.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to a process group; False if the group is already gone."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        log.warning("not allowed to signal process group %d", pgid)
+        return False
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+@dataclass
+class EngineProcess:
+    """One running engine: its process, where it listens and where it logs."""
+
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    popen: subprocess.Popen[bytes]
+    started_at: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
+        return tail_lines(self.log_path, lines)
+
+    async def wait_exit(self) -> int:
+        """Wait for the main process to exit, without a thread, through a pidfd."""
+        if self.popen.poll() is not None:
+            return self.popen.returncode
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return self.popen.wait()
+        try:
+            while self.popen.poll() is None:
+                await anyio.wait_readable(fd)
+        finally:
+            os.close(fd)
+        return self.popen.returncode
+
+    async def wait_ready(self, spec: LaunchSpec, timeout: float) -> None:
+        """Return once the readiness probe answers 200; raise EngineStartError if the engine exits or times out."""
+        outcome: list[BaseException | None] = []
+
+        async def probe() -> None:
+            while not await http_ok(self.port, spec.readiness.path, timeout=2.0):
+                await anyio.sleep(READY_POLL_SECONDS)
+            outcome.append(None)
+
+        async def watch_exit() -> None:
+            code = await self.wait_exit()
+            outcome.append(self._start_error(f"exited with code {code} before it was ready"))
+
+        with anyio.move_on_after(timeout):
+            async with anyio.create_task_group() as tg:
+
+                async def first(fn) -> None:  # type: ignore[no-untyped-def]
+                    await fn()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(first, probe)
+                tg.start_soon(first, watch_exit)
+        if not outcome:
+            raise self._start_error(f"was not ready after {timeout:.0f}s (raise [server] ready_timeout if it needs longer)")
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _start_error(self, what: str) -> EngineStartError:
+        tail = "\n".join(f"  | {line}" for line in self.log_tail())
+        return EngineStartError(
+            f"engine for {self.name!r} (pid {self.pid}) {what}. Last lines of {self.log_path}:\n{tail}"
+        )
+
+    async def stop(self, grace: float) -> int | None:
+        """SIGTERM the group, wait up to `grace`, then SIGKILL the group. Returns the exit code."""
+        pgid = self.pid  # the engine leads its own session, so its pid is its group id
+        if signal_group(pgid, signal.SIGTERM):
+            with anyio.move_on_after(grace):
+                await self.wait_exit()
+                # Children may linger after the leader exits; give them the rest of the grace.
+                while group_alive(pgid):
+                    await anyio.sleep(0.05)
+        if signal_group(pgid, signal.SIGKILL):
+            log.warning("engine %s (pgid %d) ignored SIGTERM for %.0fs; killed", self.name, pgid, grace)
+        with anyio.move_on_after(5):
+            await self.wait_exit()
+        return self.popen.returncode
+
+    def kill_now(self) -> None:
+        """Last resort on the way out: SIGKILL the whole group, synchronously."""
+        signal_group(self.pid, signal.SIGKILL)
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# Set in every engine's environment, so a process left behind can be traced to its daemon.
+OWNER_ENV = "LLMD_OWNER"
+MODEL_ENV = "LLMD_MODEL"
+
+
+def spawn_engine(name: str, spec: LaunchSpec, port: int, log_path: Path, owner: str) -> EngineProcess:
+    """Start `spec.argv` directly (never through a shell), output appended to `log_path`.
+
+    `owner` (the daemon's state dir) is recorded in the engine's environment.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **spec.env, OWNER_ENV: owner, MODEL_ENV: name}
+    with log_path.open("ab") as log_file:
+        header = f"\n===== llmd: starting {name} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {spec.argv}\n"
+        log_file.write(header.encode())
+        log_file.flush()
+        try:
+            popen = subprocess.Popen(
+                spec.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                close_fds=True,
+            )
+        except OSError as exc:
+            reason = "not found" if exc.errno == errno.ENOENT else exc.strerror
+            raise EngineStartError(f"cannot start engine for {name!r}: {spec.argv[0]}: {reason}") from None
+    return EngineProcess(name=name, argv=list(spec.argv), port=port, log_path=log_path, popen=popen)

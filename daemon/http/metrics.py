@@ -1,0 +1,478 @@
+"""Prometheus metrics: what the proxy served, what the manager did, and what the GPUs hold.
+
+Three sources feed one registry per daemon (never prometheus-client's global one, so two
+daemons in one process, as in tests, never share counts):
+
+- `RequestMetrics`, an ASGI middleware around the proxy app, times and counts each request
+  from the ASGI messages it passes on, and reads the engine's `timings` / `usage` from the reply;
+- the manager calls `load_finished`, `evicted` and `swap_finished` as those happen;
+- `_StateCollector` reads the manager's model states and GPU report when Prometheus scrapes,
+  so nothing is updated on every change.
+
+docs/metrics.md lists every metric with its labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llmd.daemon.http.client_link import BODY_TAP_KEY, client_link
+from llmd.daemon.http.openai_errors import CLIENT_GONE, MODEL_ROUTES, MODELS_LIST_ROUTE
+from llmd.daemon.http.upstream import find_header
+
+log = logging.getLogger(__name__)
+
+METRICS_PATH = "/metrics"
+# The label of requests that never reached a model: malformed bodies, unknown models, /v1/models.
+NO_MODEL = ""
+# Paths counted under their own name; anything else is "other", so that clients probing
+# random paths cannot create unbounded label values.
+_ENDPOINTS = frozenset({*MODEL_ROUTES, MODELS_LIST_ROUTE})
+# Set by the proxy on the ASGI scope (through `name_model`) once a request's model is resolved
+# to a profile.
+MODEL_SCOPE_KEY = "llmd.model"
+# Where the request's `_Exchange` hears of it at once, so in-flight counts move to the model
+# before a cold load, not after it.
+_MODEL_NAMED_KEY = "llmd.model_named"
+MIB = 1024 * 1024
+# Model states as the manager names them; each model gets a 0/1 series for every one (and for
+# any other state a model is seen in), so dashboards find every series even when it is 0.
+STATES = ("stopped", "starting", "ready", "sleeping", "stopping", "failed")
+
+# llama-server's `timings` and every engine's `usage` objects are small; a reply whose object
+# is still not complete after this many bytes is not something to keep buffering.
+MAX_CAPTURE_BYTES = 64 * 1024
+_TIMINGS = b'"timings"'
+_USAGE = b'"usage"'
+_COLON = re.compile(r"\s*:\s*")
+_DECODER = json.JSONDecoder()
+_CUT_OFF = object()  # a value that continues in a later chunk
+
+# Cold requests include a model load, so the time buckets reach minutes.
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_SPEED_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+_LOAD_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
+_STOP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+ModelRows = Callable[[], list[dict[str, Any]]]
+GpuReport = Callable[[], dict[str, Any]]
+
+
+class Metrics:
+    """The daemon's metrics: one registry, the manager's hooks, and the `/metrics` route.
+
+    `models` and `gpus` are read at scrape time (the manager's `status` and `gpu_report`).
+    With `enabled` false, nothing is served, but the hooks still work, so callers need no checks.
+    """
+
+    def __init__(self, enabled: bool, models: ModelRows, gpus: GpuReport) -> None:
+        self.enabled = enabled
+        # Without this, every counter and histogram also exports a `_created` timestamp series,
+        # doubling what Prometheus stores for nothing a dashboard uses. (A process-wide switch.)
+        disable_created_metrics()
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "llmd_requests", "Proxied requests, by the HTTP status sent", ["model", "endpoint", "code"], registry=r
+        )
+        self.errors = Counter(
+            "llmd_request_errors", "Requests that failed: 4xx/5xx replies, broken streams, clients gone",
+            ["model", "endpoint", "reason"], registry=r,
+        )
+        self.in_flight = Gauge("llmd_requests_in_flight", "Requests being handled now", ["model"], registry=r)
+        self.duration = Histogram(
+            "llmd_request_duration_seconds", "From request arrival to the reply's last byte",
+            ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "llmd_time_to_first_token_seconds", "From request arrival to the first byte of a streamed reply",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.generation_speed = Histogram(
+            "llmd_generation_tokens_per_second", "Generation speed the engine reported for a reply (llama-server)",
+            ["model"], buckets=_SPEED_BUCKETS, registry=r,
+        )
+        self.prompt_speed = Histogram(
+            "llmd_prompt_tokens_per_second", "Prompt processing speed the engine reported for a reply (llama-server)",
+            ["model"], buckets=_SPEED_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter("llmd_prompt_tokens", "Prompt tokens the engines reported", ["model"], registry=r)
+        self.completion_tokens = Counter(
+            "llmd_completion_tokens", "Generated tokens the engines reported", ["model"], registry=r
+        )
+        self.load_duration = Histogram(
+            "llmd_load_duration_seconds", "Model loads, from start to ready or failure",
+            ["model", "result"], buckets=_LOAD_BUCKETS, registry=r,
+        )
+        self.evictions = Counter("llmd_evictions", "Models stopped to make room for another", ["model"], registry=r)
+        self.eviction_duration = Histogram(
+            "llmd_eviction_duration_seconds", "From stopping evicted models to their GPU memory showing released",
+            buckets=_STOP_BUCKETS, registry=r,
+        )
+        self.parks = Counter(
+            "llmd_parks", "Models put to sleep (parked) to make room for another, instead of stopped", ["model"], registry=r
+        )
+        self.wake_duration = Histogram(
+            "llmd_wake_duration_seconds", "Parked models woken for a request, from the request to ready",
+            ["model"], buckets=_LOAD_BUCKETS, registry=r,
+        )
+        self.swap_duration = Histogram(
+            "llmd_swap_duration_seconds", "`llmctl load NEW --replace OLD`, from start to NEW ready and OLD stopped",
+            ["model"], buckets=_LOAD_BUCKETS, registry=r,
+        )
+        r.register(_StateCollector(models, gpus))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: every proxied request needs several, and
+        prometheus_client checks and locks on each call. Label values are model names (from the
+        profiles), endpoints and status codes, so the cache stays small."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    # ----- manager hooks -----
+
+    def load_finished(self, name: str, seconds: float, ok: bool) -> None:
+        self.load_duration.labels(name, "ready" if ok else "failed").observe(seconds)
+
+    def evicted(self, names: Sequence[str], seconds: float) -> None:
+        for name in names:
+            self.evictions.labels(name).inc()
+        self.eviction_duration.observe(seconds)
+
+    def parked(self, name: str) -> None:
+        self.parks.labels(name).inc()
+
+    def woke(self, name: str, seconds: float) -> None:
+        self.wake_duration.labels(name).observe(seconds)
+
+    def swap_finished(self, name: str, seconds: float) -> None:
+        self.swap_duration.labels(name).observe(seconds)
+
+    # ----- serving -----
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format. Call it on the event loop: the collector
+        reads manager state, which only the event loop may touch."""
+        return generate_latest(self.registry)
+
+    async def endpoint(self, request: Request) -> Response:
+        # An async endpoint runs on the event loop; a sync one would run in a worker thread.
+        return Response(self.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    def routes(self) -> list[Route]:
+        """`GET /metrics`, or nothing when `[metrics] enabled = false`."""
+        return [Route(METRICS_PATH, self.endpoint, methods=["GET"])] if self.enabled else []
+
+    def instrument(self, app: ASGIApp) -> ASGIApp:
+        """`app` with its requests counted, or `app` itself when metrics are off."""
+        return RequestMetrics(app, self) if self.enabled else app
+
+
+class _StateCollector(Collector):
+    """Model states and GPU memory, read from the manager at scrape time."""
+
+    def __init__(self, models: ModelRows, gpus: GpuReport) -> None:
+        self._models = models
+        self._gpus = gpus
+
+    def collect(self) -> Iterable[Metric]:
+        ok = GaugeMetricFamily("llmd_scrape_source_ok", "1 if the source could be read for this scrape", labels=["source"])
+        for source, families in (("models", self._model_families), ("gpus", self._gpu_families)):
+            try:
+                yield from families()
+                ok.add_metric([source], 1)
+            except Exception:  # a failing NVML read must not cost the request metrics
+                log.exception("metrics: reading %s failed", source)
+                ok.add_metric([source], 0)
+        yield ok
+
+    def _model_families(self) -> list[Metric]:
+        state = GaugeMetricFamily("llmd_model_state", "1 for the state each model is in, 0 for the others", labels=["model", "state"])
+        rows = self._models()
+        states = STATES + tuple(sorted({row["state"] for row in rows} - set(STATES)))
+        for row in rows:
+            for name in states:
+                state.add_metric([row["model"], name], 1 if row["state"] == name else 0)
+        return [state]
+
+    def _gpu_families(self) -> list[Metric]:
+        labels = ["gpu"]
+        info = GaugeMetricFamily("llmd_gpu_info", "Each card's name and UUID (always 1)", labels=["gpu", "uuid", "name"])
+        total = GaugeMetricFamily("llmd_gpu_memory_total_bytes", "Card memory", labels=labels)
+        free = GaugeMetricFamily("llmd_gpu_memory_free_bytes", "Card memory free now", labels=labels)
+        foreign = GaugeMetricFamily("llmd_gpu_memory_foreign_bytes", "Card memory held by processes that are not llmd's engines", labels=labels)
+        placed = GaugeMetricFamily("llmd_gpu_memory_placed_bytes", "Card memory llmd has placed a model on", labels=["gpu", "model"])
+        for card in self._gpus()["gpus"]:
+            gpu = str(card["index"])
+            info.add_metric([gpu, str(card["uuid"]), str(card["name"])], 1)
+            total.add_metric([gpu], card["total_mib"] * MIB)
+            free.add_metric([gpu], card["free_mib"] * MIB)
+            foreign.add_metric([gpu], card["foreign_mib"] * MIB)
+            for claim in card["models"]:
+                placed.add_metric([gpu, claim["model"]], claim["vram_mib"] * MIB)
+        return [info, total, free, foreign, placed]
+
+
+# ----- requests -----
+
+
+def _value_after(text: str, key: str) -> object:
+    """The JSON value after `"key":` in `text`: None if the key is absent, _CUT_OFF if the value
+    is incomplete (it goes on in the next chunk, or is not JSON at all)."""
+    at = text.find(key)
+    if at < 0:
+        return None
+    colon = _COLON.match(text, at + len(key))
+    if colon is None:
+        return _CUT_OFF
+    try:
+        value, _ = _DECODER.raw_decode(text, colon.end())
+    except json.JSONDecodeError:
+        return _CUT_OFF
+    return value
+
+
+def _number(values: dict[str, Any], key: str) -> float | None:
+    value = values.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return None
+    return float(value)
+
+
+class _EngineReport:
+    """The `timings` (llama-server) and `usage` (every engine) objects found in one reply.
+
+    Only chunks that contain one of the two keys are decoded, and only from the key on; the
+    object may continue in later chunks, which are then appended until it is complete."""
+
+    __slots__ = ("capture", "timings", "usage")
+
+    def __init__(self) -> None:
+        self.capture: bytearray | None = None
+        self.timings: dict[str, Any] | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, body: bytes) -> None:
+        if self.capture is not None:
+            self.capture += body
+        else:
+            at_timings = body.find(_TIMINGS)
+            at_usage = body.find(_USAGE)
+            if at_timings < 0 and at_usage < 0:
+                return
+            start = at_usage if at_timings < 0 else at_timings if at_usage < 0 else min(at_timings, at_usage)
+            self.capture = bytearray(body[start:])
+        self._read()
+
+    def _read(self) -> None:
+        assert self.capture is not None
+        text = self.capture.decode("utf-8", "replace")
+        timings = _value_after(text, '"timings"')
+        usage = _value_after(text, '"usage"')
+        if timings is _CUT_OFF or usage is _CUT_OFF:
+            if len(self.capture) > MAX_CAPTURE_BYTES:
+                self.capture = None  # not a reply we can read; keep what was found before
+            return
+        self.capture = None
+        # Later values replace earlier ones: llama-server may send timings with every chunk.
+        if isinstance(timings, dict):
+            self.timings = timings
+        if isinstance(usage, dict):
+            self.usage = usage
+
+    def record(self, metrics: Metrics, model: str) -> None:
+        if self.timings is not None:
+            for histogram, key in ((metrics.generation_speed, "predicted_per_second"), (metrics.prompt_speed, "prompt_per_second")):
+                speed = _number(self.timings, key)
+                if speed:
+                    metrics.child(histogram, model).observe(speed)
+        prompt, completion = self._token_counts()
+        if prompt:
+            metrics.child(metrics.prompt_tokens, model).inc(prompt)
+        if completion:
+            metrics.child(metrics.completion_tokens, model).inc(completion)
+
+    def _token_counts(self) -> tuple[float | None, float | None]:
+        """From `usage`; without it (llama-server's streams), from `timings`, where the prompt
+        is the part processed now plus the part reused from the cache."""
+        if self.usage is not None:
+            return _number(self.usage, "prompt_tokens"), _number(self.usage, "completion_tokens")
+        if self.timings is not None:
+            processed, cached = _number(self.timings, "prompt_n"), _number(self.timings, "cache_n")
+            prompt = None if processed is None else processed + (cached or 0.0)
+            return prompt, _number(self.timings, "predicted_n")
+        return None, None
+
+
+def name_model(scope: Scope, model: str) -> None:
+    """Label the request in `scope` with the profile it reached, from now on."""
+    scope[MODEL_SCOPE_KEY] = model
+    learn = scope.get(_MODEL_NAMED_KEY)
+    if learn is not None:
+        learn()
+
+
+class _Exchange:
+    """One request on its way through `RequestMetrics`: sees its ASGI messages, records it at the end."""
+
+    __slots__ = (
+        "_receive",
+        "_send",
+        "client_gone",
+        "complete",
+        "endpoint",
+        "first_byte",
+        "last_body",
+        "metrics",
+        "model",
+        "report",
+        "scope",
+        "started",
+        "status",
+        "stream",
+    )
+
+    def __init__(self, metrics: Metrics, scope: Scope, receive: Receive, send: Send) -> None:
+        self.metrics = metrics
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.started = time.perf_counter()
+        path = scope["path"]
+        self.endpoint = path if path in _ENDPOINTS else "other"
+        self.model: str | None = None  # counted under NO_MODEL until the proxy names it
+        self.status = 0
+        self.stream = False
+        self.first_byte: float | None = None
+        self.complete = False
+        self.client_gone = False
+        self.last_body = b""
+        # Only successful replies are read for the engine's figures.
+        self.report: _EngineReport | None = None
+        scope[BODY_TAP_KEY] = self.saw_body
+        scope[_MODEL_NAMED_KEY] = self._learn_model
+        metrics.child(metrics.in_flight, NO_MODEL).inc()
+
+    def _learn_model(self) -> None:
+        model = self.scope.get(MODEL_SCOPE_KEY)
+        if model is not None and self.model is None:
+            self.model = model
+            self.metrics.child(self.metrics.in_flight, NO_MODEL).dec()
+            self.metrics.child(self.metrics.in_flight, model).inc()
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.client_gone = True
+        return message
+
+    def saw_body(self, body: bytes) -> None:
+        """One piece of the reply's body on its way to the client; also called by the proxy for
+        the pieces it writes past `send` (see `client_link`)."""
+        # The hot path: called for every chunk of every reply, so each chunk costs a check or
+        # two and, for a successful reply, two byte searches.
+        if self.first_byte is None:
+            self.first_byte = time.perf_counter()
+        if self.report is not None:
+            self.report.feed(body)
+        self.last_body = body
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            body = message.get("body", b"")
+            if body:
+                self.saw_body(body)
+            if not message.get("more_body", False):
+                self.complete = True
+        elif kind == "http.response.start":
+            self._start(message)
+        # uvicorn's `send` does not fail once the client is gone: the disconnect is seen in receive().
+        await self._send(message)
+
+    def _start(self, message: Message) -> None:
+        self._learn_model()
+        self.status = message["status"]
+        if 200 <= self.status < 300 and self.model is not None:
+            self.report = _EngineReport()
+            content_type = find_header(message.get("headers", []), b"content-type") or b""
+            self.stream = content_type.startswith(b"text/event-stream")
+
+    def finish(self) -> None:
+        """Record the request; called once, however it ended."""
+        if not self.client_gone:
+            # Under llmd's own server the proxy learns of a disconnect from the connection, so
+            # nobody may have read the http.disconnect message.
+            link = client_link(self.scope)
+            self.client_gone = link is not None and link.disconnected
+        m = self.metrics
+        model = self.model if self.model is not None else NO_MODEL
+        m.child(m.in_flight, model).dec()
+        end = time.perf_counter()
+        code = self.status or (CLIENT_GONE if self.client_gone else 500)
+        m.child(m.requests, model, self.endpoint, str(code)).inc()
+        m.child(m.duration, model, self.endpoint).observe(end - self.started)
+        reason = self._failure(code)
+        if reason is not None:
+            m.child(m.errors, model, self.endpoint, reason).inc()
+        if self.report is not None:
+            if self.stream and self.first_byte is not None:
+                m.child(m.ttft, model).observe(self.first_byte - self.started)
+            self.report.record(m, model)
+
+    def _failure(self, code: int) -> str | None:
+        if code == CLIENT_GONE:
+            return "client_gone"
+        if code >= 500:
+            return "server_error"
+        if code >= 400:
+            return "client_error"
+        if self.complete and not (self.stream and b'"error"' in self.last_body):
+            return None
+        # A reply that started well but did not end well. The proxy ends a stream the engine
+        # broke off with an error event, as engines do with their own errors mid-stream.
+        return "client_gone" if self.client_gone and not self.complete else "stream_broken"
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times each HTTP request to `app`, except scrapes of /metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == METRICS_PATH:
+            await self.app(scope, receive, send)
+            return
+        exchange = _Exchange(self.metrics, scope, receive, send)
+        try:
+            await self.app(scope, exchange.receive, exchange.send)
+        finally:
+            exchange.finish()

@@ -1,0 +1,65 @@
+"""Re-reading llmd.toml and the profiles while running: on SIGHUP, or `POST /v1/reload` (profiles only)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import anyio
+
+from llmd.daemon.config import DaemonConfig, load_config
+from llmd.daemon.errors import LlmdError
+from llmd.daemon.manager.core import Manager
+from llmd.daemon.models.profiles import ProfileSet, load_profiles
+from llmd.daemon.util.sdnotify import notify
+
+log = logging.getLogger(__name__)
+
+# Settings bound at startup: a change to them is reported, and takes effect at the next start.
+_NEEDS_RESTART = ("listen", "socket", "state_dir", "management_listen", "api_keys", "management_token")
+# Whole sections read once, when the listeners' apps are built.
+_SECTIONS_NEEDING_RESTART = ("metrics", "dashboard")
+
+
+def reload_profiles(manager: Manager, config: DaemonConfig) -> tuple[ProfileSet, dict[str, list[str]]]:
+    """Read the profiles from `config`'s dirs and hand them to the manager, which restarts only
+    the models whose profile changed. Returns the profiles found and what changed."""
+    profiles = load_profiles(config.server.profile_dirs, set(manager.drivers), config.server.model_dirs)
+    for error in profiles.errors.values():
+        log.error("skipping invalid profile: %s", error)
+    changes = manager.reload(config, profiles)
+    summary = ", ".join(f"{what}: {', '.join(names)}" for what, names in changes.items() if names) or "no running model changed"
+    log.info("reloaded %d profiles (%d invalid); %s", len(profiles.profiles), len(profiles.errors), summary)
+    return profiles, changes
+
+
+def reload_now(manager: Manager, config_path: Path | None) -> None:
+    """Apply the current files; on any error keep everything as it was and log why."""
+    notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    try:
+        config = load_config(config_path)
+    except LlmdError as exc:
+        log.error("reload failed, keeping the running config: %s", exc)
+        notify("READY=1")
+        return
+    for key in _NEEDS_RESTART:
+        if getattr(config.server, key, None) != getattr(manager.config.server, key, None):
+            log.warning("[server] %s changed: it takes effect when llmd restarts", key)
+            setattr(config.server, key, getattr(manager.config.server, key, None))
+    if config.gpus.simulate != manager.config.gpus.simulate:
+        log.warning("[gpus] simulate changed: it takes effect when llmd restarts")
+        config.gpus.simulate = manager.config.gpus.simulate
+    for section in _SECTIONS_NEEDING_RESTART:
+        if getattr(config, section) != getattr(manager.config, section):
+            log.warning("[%s] changed: it takes effect when llmd restarts", section)
+            setattr(config, section, getattr(manager.config, section))
+    profiles, _ = reload_profiles(manager, config)
+    notify("READY=1", f"STATUS=reloaded: {len(profiles.profiles)} profiles")
+
+
+async def reload_on_sighup(manager: Manager, config_path: Path | None) -> None:
+    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            reload_now(manager, config_path)

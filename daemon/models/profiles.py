@@ -1,0 +1,241 @@
+"""Profiles: one TOML file per model, `NAME.toml`, whose stem is the served model id.
+
+A bad file never takes the others down: loading returns the valid profiles and one
+clear error per invalid file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llmd.daemon.util.durations import parse_duration
+from llmd.daemon.errors import ConfigError
+from llmd.daemon.util.validation import read_toml, validate_file_data
+
+# Model ids travel in URLs, file names and log names: keep them to a safe alphabet.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+_Strict = ConfigDict(extra="forbid")
+
+# Flags through which extra_args could move an engine off 127.0.0.1 or off the port llmd picked,
+# where it would be reachable without the proxy's API keys.
+_RESERVED_FLAGS = ("--host", "--port")
+
+
+def check_model_name(name: str) -> str:
+    """Return `name` if it is a valid model id, else raise ValueError saying what is allowed."""
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise ValueError(
+            f"{name!r} is not a valid model name: use letters, digits, '.', '_', ':' and '-' "
+            "(no '/', no '..', at most 128 characters, starting with a letter or digit)"
+        )
+    return name
+
+
+class ModelSource(BaseModel):
+    """Where the weights come from: a local path, or a Hugging Face repo (file or snapshot)."""
+
+    model_config = _Strict
+
+    path: Path | None = None
+    hf_repo: str | None = None
+    hf_file: str | None = None
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSource":
+        if (self.path is None) == (self.hf_repo is None):
+            raise ValueError('set exactly one of path = "/models/x.gguf" or hf_repo = "owner/name"')
+        if self.hf_file is not None and self.hf_repo is None:
+            raise ValueError("hf_file needs hf_repo")
+        return self
+
+
+class Launch(BaseModel):
+    """How the engine is started."""
+
+    model_config = _Strict
+
+    ctx: Annotated[int, Field(gt=0, le=10_000_000)] = 4096
+    # Concurrent sequences (llama.cpp slots); the KV cache is sized for all of them.
+    parallel: Annotated[int, Field(ge=1, le=1024)] = 1
+    # 1, N cards, or "auto" to let the scheduler split across cards when one is too small.
+    tensor_parallel: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
+    # What may move to CPU when the GPUs are too small: nothing, whole layers, or MoE experts;
+    # an integer fixes the number of layers kept on CPU.
+    offload: Literal["none", "auto", "moe-experts"] | Annotated[int, Field(ge=0, le=100_000)] = "none"
+    # KV cache element type, as llama.cpp names it (f16, q8_0, ...).
+    cache_type: str = "f16"
+    # Engine-specific flags, appended verbatim as argv items (never through a shell).
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_listen_flags(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            flag = arg.split("=", 1)[0]
+            if flag in _RESERVED_FLAGS:
+                raise ValueError(
+                    f"{flag} is set by llmd (engines listen on 127.0.0.1, on a port llmd picks); remove it"
+                )
+        return value
+
+
+class PlacementRules(BaseModel):
+    """Overrides for where the scheduler may put the model."""
+
+    model_config = _Strict
+
+    # Skip the estimate and reserve this much VRAM (MiB, total over all cards).
+    vram_mib: Annotated[int, Field(gt=0, le=16_777_216)] | None = None
+    # Only use these GPU indices (as NVML orders them).
+    gpus: list[Annotated[int, Field(ge=0, le=1023)]] | None = None
+
+
+class Policy(BaseModel):
+    """Lifecycle rules."""
+
+    model_config = _Strict
+
+    ttl: str = "30m"
+    pinned: bool = False
+    priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
+    autostart: bool = False
+
+    @field_validator("ttl")
+    @classmethod
+    def _check_ttl(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @property
+    def ttl_seconds(self) -> float | None:
+        return parse_duration(self.ttl)
+
+
+class Profile(BaseModel):
+    """A validated profile file. `name` comes from the file's stem, never from its content."""
+
+    model_config = _Strict
+
+    name: str = Field(default="", exclude=True)
+    engine: str
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+    model: ModelSource
+    launch: Launch = Field(default_factory=Launch)
+    placement: PlacementRules = Field(default_factory=PlacementRules)
+    policy: Policy = Field(default_factory=Policy)
+
+    @field_validator("aliases")
+    @classmethod
+    def _check_aliases(cls, value: list[str]) -> list[str]:
+        for alias in value:
+            check_model_name(alias)
+        return value
+
+
+@dataclass
+class ProfileSet:
+    """The profiles found on disk: the valid ones by name, and an error per bad file."""
+
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, Path] = field(default_factory=dict)
+    _aliases: dict[str, str] = field(default_factory=dict)
+
+    def resolve(self, model: str) -> Profile | None:
+        """The profile serving `model`, by name or alias."""
+        profile = self.profiles.get(model)
+        if profile is None and model in self._aliases:
+            profile = self.profiles[self._aliases[model]]
+        return profile
+
+
+def load_profile(
+    path: Path, known_engines: set[str] | None = None, model_dirs: Sequence[Path] = ()
+) -> Profile:
+    """Read one profile file; raise ConfigError naming the file, the field and the fix.
+
+    With `model_dirs`, a local model path must lie inside one of them once symlinks and `..`
+    are resolved, and the profile then names the resolved file, so the engine opens exactly
+    the file that was checked.
+    """
+    try:
+        name = check_model_name(path.stem)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: file name: {exc}; rename the file") from None
+    data = read_toml(path)
+    profile: Profile = validate_file_data(Profile, path, data)
+    profile.name = name
+    if known_engines is not None and profile.engine not in known_engines:
+        raise ConfigError(
+            f"{path}: engine: unknown engine {profile.engine!r}; use one of: {', '.join(sorted(known_engines))}"
+        )
+    if profile.model.path is not None and not profile.model.path.is_absolute():
+        profile.model.path = (path.parent / profile.model.path).resolve()
+    if profile.model.path is not None and model_dirs:
+        profile.model.path = _inside_model_dirs(path, profile.model.path, model_dirs)
+    return profile
+
+
+def _inside_model_dirs(profile_path: Path, model_path: Path, model_dirs: Sequence[Path]) -> Path:
+    """`model_path` with symlinks and `..` resolved, or ConfigError if that lies outside every dir."""
+    resolved = model_path.resolve()
+    if any(resolved.is_relative_to(directory.resolve()) for directory in model_dirs):
+        return resolved
+    via = f" (which resolves to {resolved})" if resolved != model_path else ""
+    allowed = ", ".join(str(directory) for directory in model_dirs)
+    raise ConfigError(
+        f"{profile_path}: model.path: {model_path}{via} is outside the allowed model directories ({allowed}); "
+        "move the model into one of them, or add its directory to [server] model_dirs in llmd.toml"
+    )
+
+
+def load_profiles(
+    dirs: list[Path], known_engines: set[str] | None = None, model_dirs: Sequence[Path] = ()
+) -> ProfileSet:
+    """Every `*.toml` in `dirs`. A name or alias already taken is an error for the later file.
+
+    `model_dirs`, when not empty, confines local model paths (see `load_profile`)."""
+    result = ProfileSet()
+    for directory in dirs:
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.glob("*.toml")):
+            key = path.stem
+            try:
+                profile = load_profile(path, known_engines, model_dirs)
+            except ConfigError as exc:
+                result.errors[key] = str(exc)
+                result.sources[key] = path
+                continue
+            clash = _first_clash(result, profile)
+            if clash:
+                result.errors[key] = f"{path}: {clash}"
+                result.sources[key] = path
+                continue
+            result.profiles[profile.name] = profile
+            result.sources[profile.name] = path
+            for alias in profile.aliases:
+                result._aliases[alias] = profile.name
+    return result
+
+
+def _first_clash(existing: ProfileSet, profile: Profile) -> str | None:
+    names = [profile.name, *profile.aliases]
+    for name in names:
+        if name in existing.profiles or name in existing._aliases:
+            owner = existing._aliases.get(name, name)
+            return (
+                f"name {name!r} is already served by {existing.sources[owner]}; "
+                "rename one of the files or remove the alias"
+            )
+    return None

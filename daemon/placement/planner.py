@@ -1,0 +1,175 @@
+"""The manager's window on the GPUs: estimates, live inventory, learned usage, and placement.
+
+`Planner` holds everything placement needs that is not instance state: the inventory (NVML,
+simulated, or none), a cache of estimates keyed by the model file and the launch settings,
+and the VRAM engines were measured to use. The decision itself is `scheduler.plan`, a pure
+function; this module only gathers its inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmd.daemon.util.atomic_write import write_json_atomic
+from llmd.daemon.errors import LlmdError
+from llmd.daemon.placement.estimate import Estimate, estimate_profile
+from llmd.daemon.placement.inventory import GpuInfo, Inventory, SimulatedInventory, measure_pids_vram, open_inventory
+from llmd.daemon.models.profiles import Profile
+from llmd.daemon.placement.scheduler import ModelNeed, NoFit, Plan, RunningModel, need_for_profile, plan
+
+log = logging.getLogger(__name__)
+
+# A learned figure is used with this much slack: allocations vary a little from run to run.
+LEARNED_SLACK = 1.05
+
+
+def _fingerprint(profile: Profile, model_path: Path) -> str:
+    """What the memory use depends on: the model file and the launch settings."""
+    stat = model_path.stat()
+    launch = profile.launch
+    key = json.dumps(
+        [str(model_path), stat.st_size, int(stat.st_mtime), profile.engine, launch.ctx, launch.parallel,
+         launch.cache_type, launch.extra_args],
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    fingerprint: str
+    per_gpu_mib: dict[int, int]
+    estimate_mib: int
+    measured_at: float
+
+    @property
+    def total_mib(self) -> int:
+        return sum(self.per_gpu_mib.values())
+
+
+class MeasurementStore:
+    """Real per-GPU usage of each profile's last launch, kept in `state_dir` across restarts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._data: dict[str, Measurement] = {}
+        try:
+            raw = json.loads(path.read_text())
+            for name, item in raw.items():
+                item["per_gpu_mib"] = {int(k): v for k, v in item["per_gpu_mib"].items()}
+                self._data[name] = Measurement(**item)
+        except FileNotFoundError:
+            pass
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("ignoring unreadable %s (%s); llmd will measure again", path, exc)
+
+    def get(self, name: str, fingerprint: str) -> Measurement | None:
+        found = self._data.get(name)
+        return found if found is not None and found.fingerprint == fingerprint else None
+
+    def record(self, name: str, measurement: Measurement) -> None:
+        self._data[name] = measurement
+        write_json_atomic(self.path, {k: v.__dict__ for k, v in self._data.items()}, indent=1, sort_keys=True)
+
+
+class Planner:
+    def __init__(self, simulate: Path | None, state_dir: Path, margin_mib: int) -> None:
+        self.inventory: Inventory = open_inventory(simulate)
+        self.margin_mib = margin_mib
+        self.measurements = MeasurementStore(state_dir / "measured-vram.json")
+        self._estimates: dict[str, tuple[str, Estimate]] = {}
+        log.info("GPUs: %s", self.inventory.note)
+
+    @property
+    def simulated(self) -> bool:
+        return isinstance(self.inventory, SimulatedInventory)
+
+    def snapshot(self) -> list[GpuInfo]:
+        return self.inventory.snapshot()
+
+    def estimate(self, profile: Profile, model_path: Path) -> Estimate:
+        """The estimate for this profile, read from the model's headers once per file and settings.
+
+        Launches get theirs here too (`LaunchRequest.estimator`), so a driver sizing the
+        engine's caches uses the numbers the scheduler planned with, without reading the file
+        again. A changed model file or launch setting changes the fingerprint: read anew."""
+        return self._estimate(profile, model_path, _fingerprint(profile, model_path))
+
+    def _estimate(self, profile: Profile, model_path: Path, fingerprint: str) -> Estimate:
+        cached = self._estimates.get(profile.name)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        estimate = estimate_profile(profile, model_path)
+        self._estimates[profile.name] = (fingerprint, estimate)
+        return estimate
+
+    def need(self, profile: Profile, model_path: Path) -> tuple[ModelNeed, Estimate | None, str]:
+        """What the scheduler should reserve, and where the number came from."""
+        if profile.placement.vram_mib is not None:
+            return need_for_profile(profile, None), None, "placement.vram_mib in the profile"
+        fingerprint = _fingerprint(profile, model_path)  # one stat of the model file per plan
+        estimate = self._estimate(profile, model_path, fingerprint)
+        learned = self.measurements.get(profile.name, fingerprint)
+        if learned is not None and learned.total_mib > 0:
+            need = ModelNeed.fixed(
+                profile.name,
+                int(learned.total_mib * LEARNED_SLACK),
+                tensor_parallel=profile.launch.tensor_parallel,
+                allowed_gpus=tuple(sorted(set(profile.placement.gpus))) if profile.placement.gpus is not None else None,
+                ctx=profile.launch.ctx,
+            )
+            return need, estimate, f"measured {learned.total_mib} MiB at its last launch"
+        return need_for_profile(profile, estimate), estimate, "estimated from the model file"
+
+    def place(self, profile: Profile, model_path: Path, running: list[RunningModel]) -> tuple[Plan | NoFit, dict[str, Any]]:
+        """A plan (or why none exists) plus the breakdown `llmctl plan` shows."""
+        gpus = self.snapshot()
+        details: dict[str, Any] = {"inventory": self.inventory.note}
+        if not gpus:
+            result = plan(ModelNeed.fixed(profile.name, 1, ctx=profile.launch.ctx), gpus, running, self.margin_mib)
+            return result, details
+        try:
+            need, estimate, source = self.need(profile, model_path)
+        except (ValueError, OSError) as exc:
+            raise LlmdError(
+                f"cannot estimate the memory {profile.name!r} needs ({exc}); set [placement] vram_mib in its profile"
+            ) from None
+        details.update({"need_mib": need.total_mib, "need_source": source})
+        if estimate is not None:
+            details["estimate"] = estimate.breakdown()
+        return plan(need, gpus, running, self.margin_mib), details
+
+    def claim(self, owner: str, pid: int, shares: dict[int, int]) -> None:
+        """A simulated card's free memory follows what llmd starts, as a real card's would."""
+        if isinstance(self.inventory, SimulatedInventory):
+            self.inventory.claim(owner, pid, shares)
+
+    def release(self, owner: str) -> None:
+        if isinstance(self.inventory, SimulatedInventory):
+            self.inventory.release(owner)
+
+    def usage_of(self, pids: set[int]) -> dict[int, int]:
+        """MiB per card that these processes hold now."""
+        return measure_pids_vram(self.inventory, pids)
+
+    def learn(self, profile: Profile, model_path: Path, pids: set[int]) -> Measurement | None:
+        """Record what a freshly started engine really uses, for its next placement."""
+        if self.simulated or not self.snapshot():
+            return None  # a simulated card reports our own claims back: nothing to learn
+        used = {index: mib for index, mib in self.usage_of(pids).items() if mib > 0}
+        if not used:
+            return None
+        fingerprint = _fingerprint(profile, model_path)
+        try:
+            estimate_mib = self._estimate(profile, model_path, fingerprint).gpu_total_mib(len(used))
+        except (LlmdError, ValueError, OSError):
+            estimate_mib = 0
+        measurement = Measurement(fingerprint, used, estimate_mib, time.time())
+        self.measurements.record(profile.name, measurement)
+        log.info("%s uses %s MiB per GPU (estimated %d MiB in all)", profile.name, used, estimate_mib)
+        return measurement

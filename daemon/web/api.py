@@ -1,0 +1,240 @@
+"""The management API that `llmctl` speaks, served only on the unix socket."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llmd.daemon.diagnostics.bench_store import bench_headline, write_bench
+from llmd.daemon.errors import LlmdError, UnknownModelError
+from llmd.daemon.util.log_lines import DEFAULT_LOG_LINES, MAX_LOG_LINES
+from llmd.daemon.manager.core import Manager
+from llmd.daemon.manager.reload import reload_profiles
+
+PROGRESS_SECONDS = 0.5
+FOLLOW_POLL_SECONDS = 0.25
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _ndjson(event: dict[str, Any]) -> bytes:
+    return (json.dumps(event) + "\n").encode()
+
+
+class ManagementApi:
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+
+    def _model(self, request: Request) -> str:
+        name = request.path_params["name"]
+        return self.manager.resolve(name).name
+
+    async def ps(self, request: Request) -> Response:
+        return JSONResponse({"models": self.manager.status()})
+
+    async def profiles(self, request: Request) -> Response:
+        found = self.manager.profiles
+        rows = [
+            {
+                "name": name,
+                "engine": profile.engine,
+                "valid": True,
+                "aliases": profile.aliases,
+                "model": str(profile.model.path or profile.model.hf_repo),
+                "ttl": profile.policy.ttl,
+                "state": self.manager.instances[name].state.value if name in self.manager.instances else "stopped",
+                "source": str(found.sources[name]),
+                "error": None,
+                "bench": bench_headline(self.manager.config.server.state_dir, name),
+            }
+            for name, profile in found.profiles.items()
+        ]
+        rows += [
+            {"name": name, "engine": None, "valid": False, "aliases": [], "model": None, "ttl": None,
+             "state": None, "source": str(found.sources[name]), "error": error, "bench": None}
+            for name, error in found.errors.items()
+        ]
+        return JSONResponse({"profiles": sorted(rows, key=lambda row: row["name"])})
+
+    async def load(self, request: Request) -> Response:
+        """Stream NDJSON progress until the model is ready or its load failed.
+
+        With `?replace=OLD`, OLD is swapped out for the model. The load goes on even if the
+        client disconnects: others may be waiting for the same model.
+        """
+        name = self._model(request)
+        old = request.query_params.get("replace")
+        if old is not None:
+            old = self.manager.resolve(old).name
+            job = self.manager.run_job(self.manager.replace, name, old)
+        else:
+            job = self.manager.run_job(self.manager.ensure_ready, name)
+        inst = self.manager.instance(name)
+
+        async def events() -> AsyncIterator[bytes]:
+            started = time.monotonic()
+            while not job.done.is_set():
+                with anyio.move_on_after(PROGRESS_SECONDS):
+                    await job.done.wait()
+                if job.done.is_set():
+                    break
+                message, last_line = self.manager.load_report(inst)
+                yield _ndjson({
+                    "event": "progress",
+                    "model": name,
+                    "elapsed_s": round(time.monotonic() - started, 1),
+                    "message": message,
+                    "log": last_line,
+                })
+            if job.error is not None:
+                yield _ndjson({"event": "error", "model": name, "message": str(job.error)})
+                return
+            row = next(r for r in self.manager.status() if r["model"] == name)
+            yield _ndjson({"event": "ready", "model": name, "status": row})
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    async def pull(self, request: Request) -> Response:
+        """Stream NDJSON download progress until the model's files are complete."""
+        name = self._model(request)
+        job = self.manager.run_job(self.manager.pull, name)
+        inst = self.manager.instance(name)
+
+        async def events() -> AsyncIterator[bytes]:
+            while not job.done.is_set():
+                with anyio.move_on_after(PROGRESS_SECONDS):
+                    await job.done.wait()
+                if not job.done.is_set():
+                    yield _ndjson({"event": "progress", "model": name, "message": inst.progress})
+            if job.error is not None:
+                yield _ndjson({"event": "error", "model": name, "message": str(job.error)})
+            else:
+                yield _ndjson({"event": "done", "model": name})
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    async def plan(self, request: Request) -> Response:
+        try:
+            return JSONResponse(self.manager.plan_preview(self._model(request)))
+        except LlmdError as exc:
+            return _error(422, str(exc))
+
+    async def reload(self, request: Request) -> Response:
+        """Re-read the profiles as SIGHUP does (llmd.toml itself is re-read only on SIGHUP)."""
+        profiles, changes = reload_profiles(self.manager, self.manager.config)
+        return JSONResponse({
+            "profiles": sorted(profiles.profiles),
+            "invalid": dict(sorted(profiles.errors.items())),
+            "changes": changes,
+        })
+
+    async def store_bench(self, request: Request) -> Response:
+        """Keep a `llmctl bench` result with the profile, for `ls` (its `headline`) and the dashboard."""
+        name = self._model(request)
+        try:
+            result = await request.json()
+        except ValueError:
+            return _error(400, "the body must be a JSON object: the bench result")
+        if not isinstance(result, dict):
+            return _error(400, "the body must be a JSON object: the bench result")
+        missing = [key for key in ("headline", "measured_at", "engine", "rows") if key not in result]
+        if missing:
+            return _error(400, f"the bench result lacks {', '.join(missing)}; `llmctl bench` sends all of them")
+        if not isinstance(result["headline"], str) or not isinstance(result["rows"], list):
+            return _error(400, "the bench result's headline must be a string and its rows a list")
+        path = write_bench(self.manager.config.server.state_dir, name, result)
+        return JSONResponse({"model": name, "path": str(path)})
+
+    async def gpus(self, request: Request) -> Response:
+        return JSONResponse(self.manager.gpu_report())
+
+    async def unload(self, request: Request) -> Response:
+        name = self._model(request)
+        stopped = await self.manager.unload(name)
+        return JSONResponse({"model": name, "unloaded": stopped})
+
+    async def unload_all(self, request: Request) -> Response:
+        running = [row["model"] for row in self.manager.status() if row["state"] in ("ready", "starting", "sleeping")]
+        await self.manager.stop_all()
+        return JSONResponse({"unloaded": running})
+
+    async def logs(self, request: Request) -> Response:
+        name = self._model(request)
+        try:
+            lines = int(request.query_params.get("lines", DEFAULT_LOG_LINES))
+        except ValueError:
+            return _error(400, "lines must be a whole number")
+        if lines < 0:
+            return _error(400, f"lines must be 0 or more (how many lines from the end of the log to send), not {lines}")
+        lines = min(lines, MAX_LOG_LINES)  # more than the limit gets the limit
+        follow = request.query_params.get("follow") in ("1", "true", "yes")
+        path = self.manager.log_path(name)
+
+        async def stream() -> AsyncIterator[bytes]:
+            tail = self.manager.log_tail(name, lines)
+            if tail:
+                yield ("\n".join(tail) + "\n").encode()
+            if not follow:
+                return
+            position = path.stat().st_size if path.exists() else 0
+            while True:
+                await anyio.sleep(FOLLOW_POLL_SECONDS)
+                size = path.stat().st_size if path.exists() else 0
+                if size < position:  # truncated or replaced: start over
+                    position = 0
+                if size > position:
+                    with path.open("rb") as fh:
+                        fh.seek(position)
+                        data = fh.read(size - position)
+                    position = size
+                    yield data
+
+        return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+
+async def _unknown_model(request: Request, exc: Exception) -> Response:
+    return _error(404, str(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+
+
+def build_api_app(manager: Manager) -> Starlette:
+    from starlette.middleware import Middleware
+
+    from llmd.daemon.web.dashboard import dashboard_routes
+    from llmd.daemon.web.dashboard_auth import RefuseCrossSite
+
+    api = ManagementApi(manager)
+    routes = [
+        Route("/v1/ps", api.ps, methods=["GET"]),
+        Route("/v1/profiles", api.profiles, methods=["GET"]),
+        Route("/v1/models/{name}/load", api.load, methods=["POST"]),
+        Route("/v1/models/{name}/plan", api.plan, methods=["GET"]),
+        Route("/v1/models/{name}/pull", api.pull, methods=["POST"]),
+        Route("/v1/gpus", api.gpus, methods=["GET"]),
+        Route("/v1/models/{name}/unload", api.unload, methods=["POST"]),
+        Route("/v1/models/{name}/logs", api.logs, methods=["GET"]),
+        Route("/v1/unload", api.unload_all, methods=["POST"]),
+        Route("/v1/models/{name}/bench", api.store_bench, methods=["POST"]),
+        Route("/v1/reload", api.reload, methods=["POST"]),
+        *manager.metrics.routes(),
+    ]
+    if manager.config.dashboard.enabled:
+        routes += dashboard_routes(manager)
+    handlers = {UnknownModelError: _unknown_model, HTTPException: _http_error}
+    # Browsers may reach this API (the dashboard): a POST forged by another site's page is refused.
+    return Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(RefuseCrossSite)])

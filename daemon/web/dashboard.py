@@ -1,0 +1,195 @@
+"""The dashboard: one server-rendered page on the management API, at /dashboard.
+
+It shows the GPUs (memory bars with a segment per model), the profiles with their states and
+last bench result, and a model's live log; its buttons call the management routes themselves
+(`POST /v1/models/NAME/load`, `.../unload`, `GET .../logs?follow=1`). The page's script only
+swaps in `/dashboard/status`, the same HTML fragment re-rendered, so all rendering lives in
+the templates. Who may see it is decided by the listener: the unix socket's permissions, or the
+management token (dashboard_auth.py) on TCP.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from llmd.daemon.diagnostics.bench_store import HeadlineCache
+from llmd.daemon.web.dashboard_auth import DASHBOARD_PATH, LOGIN_PATH, TOKEN_CHECK, TokenCheck, login_cookie, logout_cookie
+from llmd.daemon.manager.core import Manager
+from llmd.daemon.util.units import format_mib
+
+FILES = Path(__file__).parent / "dashboard_files"
+# A pasted token is at most a few hundred bytes; anything longer is not a login.
+MAX_LOGIN_BYTES = 4096
+TOKEN_SETTING = "[server] management_token"
+# Every file the page loads; nothing else under dashboard_files/ is served.
+_STATIC = {
+    "dashboard.css": "text/css; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+# The page runs only its own script and stylesheet, talks only to this server and cannot be
+# framed by another site (which could trick a click on its buttons).
+_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    # Not "no-referrer": under it Chromium sends `Origin: null` with the page's own forms, which then
+    # cannot be told from forged ones.
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+
+_templates = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(FILES / "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_templates.filters["mib"] = format_mib
+
+
+def _percent(part: float, whole: float) -> float:
+    return round(100 * max(0.0, part) / whole, 2) if whole > 0 else 0.0
+
+
+def gpu_views(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each card of `Manager.gpu_report()` as a bar: a segment per model, one for other programs, the rest free."""
+    cards = []
+    for gpu in report["gpus"]:
+        total = gpu["total_mib"]
+        segments, offset = [], 0.0
+        pieces = [(claim["model"], claim["vram_mib"], claim["state"]) for claim in gpu["models"]]
+        if gpu["foreign_mib"] > 0:
+            pieces.append((None, gpu["foreign_mib"], "other"))
+        for model, mib, state in pieces:
+            # Estimates and measurements can overshoot a card a little; the bar never does.
+            width = min(_percent(mib, total), 100.0 - offset)
+            segments.append({"model": model, "mib": mib, "state": state, "x": offset, "width": width})
+            offset += width
+        cards.append({**gpu, "segments": segments, "used_percent": _percent(gpu["used_mib"], total)})
+    return cards
+
+
+def profile_views(manager: Manager, headlines: HeadlineCache) -> list[dict[str, Any]]:
+    """Every profile, valid or not, with its model's state as `llmctl ps` reports it and its
+    last bench headline."""
+    running = {row["model"]: row for row in manager.status()}
+    found = manager.profiles
+    state_dir = manager.config.server.state_dir
+    rows = []
+    for name, profile in found.profiles.items():
+        row = running.get(name, {})
+        rows.append({
+            "name": name,
+            "engine": profile.engine,
+            "aliases": profile.aliases,
+            "state": row.get("state", "stopped"),
+            "progress": row.get("progress"),
+            "error": row.get("error"),
+            "gpus": row.get("gpus", []),
+            "vram_mib": row.get("vram_mib", 0),
+            "bench": headlines.headline(state_dir, name),
+            "invalid": None,
+        })
+    for name, error in found.errors.items():
+        rows.append({"name": name, "engine": None, "aliases": [], "state": "invalid", "progress": None,
+                     "error": None, "gpus": [], "vram_mib": 0, "bench": None, "invalid": error})
+    return sorted(rows, key=lambda row: row["name"])
+
+
+def _html(template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    body = _templates.get_template(template).render(**context)
+    return HTMLResponse(body, status_code=status_code, headers=_HEADERS)
+
+
+class Dashboard:
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+        # The page polls its status every 1.5 s: read each bench result again only once it changed.
+        self.headlines = HeadlineCache()
+
+    def _status_context(self) -> dict[str, Any]:
+        report = self.manager.gpu_report()
+        return {"gpus": gpu_views(report), "note": report["note"], "profiles": profile_views(self.manager, self.headlines)}
+
+    async def page(self, request: Request) -> Response:
+        signed_in = TOKEN_CHECK in request.scope  # a login cookie, which "log out" can end
+        return _html("dashboard.html", signed_in=signed_in, **self._status_context())
+
+    async def status(self, request: Request) -> Response:
+        return _html("status.html", **self._status_context())
+
+    async def login_form(self, request: Request) -> Response:
+        if TOKEN_CHECK not in request.scope:
+            return RedirectResponse(DASHBOARD_PATH, status_code=303)  # this listener needs no login
+        message = None
+        if request.query_params.get("expired"):
+            message = f"Your login is no longer accepted (was {TOKEN_SETTING} changed?). Paste the current token."
+        return _html("login.html", message=message, setting=TOKEN_SETTING)
+
+    async def login(self, request: Request) -> Response:
+        check: TokenCheck | None = request.scope.get(TOKEN_CHECK)
+        if check is None:
+            return RedirectResponse(DASHBOARD_PATH, status_code=303)
+        token, problem = await _pasted_token(request)
+        if problem is None and token is not None and not check(token.encode()):
+            problem = f"That token was not accepted. Paste the value of {TOKEN_SETTING} from the daemon's llmd.toml."
+        if problem is not None:
+            return _html("login.html", status_code=401 if token else 400, message=problem, setting=TOKEN_SETTING)
+        assert token is not None
+        response = RedirectResponse(DASHBOARD_PATH, status_code=303)
+        response.headers["Set-Cookie"] = login_cookie(token, secure=request.url.scheme == "https")
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        response = RedirectResponse(LOGIN_PATH, status_code=303)
+        response.headers["Set-Cookie"] = logout_cookie()
+        return response
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["file"]
+        media_type = _STATIC.get(name)
+        if media_type is None:
+            return JSONResponse({"error": f"no dashboard file {name!r}; the page uses {', '.join(sorted(_STATIC))}"}, 404)
+        return FileResponse(FILES / "static" / name, media_type=media_type, headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def _pasted_token(request: Request) -> tuple[str | None, str | None]:
+    """The token from the login form, or what is wrong with the form."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        return None, "Send the login form as application/x-www-form-urlencoded with a field named token."
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_LOGIN_BYTES:
+            return None, f"The login form is larger than {MAX_LOGIN_BYTES} bytes; paste only the token."
+    values = parse_qs(body.decode("utf-8", "replace")).get("token", [])
+    token = values[0].strip() if values else ""
+    if not token:
+        return None, f"Paste the management token: the value of {TOKEN_SETTING} in the daemon's llmd.toml."
+    return token, None
+
+
+def dashboard_routes(manager: Manager) -> list[Route]:
+    """The dashboard's routes, to be mounted on the management API."""
+    dashboard = Dashboard(manager)
+    return [
+        Route(DASHBOARD_PATH, dashboard.page, methods=["GET"]),
+        Route(DASHBOARD_PATH + "/status", dashboard.status, methods=["GET"]),
+        Route(LOGIN_PATH, dashboard.login_form, methods=["GET"]),
+        Route(LOGIN_PATH, dashboard.login, methods=["POST"]),
+        Route(DASHBOARD_PATH + "/logout", dashboard.logout, methods=["POST"]),
+        Route(DASHBOARD_PATH + "/static/{file}", dashboard.static, methods=["GET"]),
+    ]
