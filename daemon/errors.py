@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+# The base lives in the driver API, which drivers import without the daemon.
+from llmd.drivers.errors import LlmdError
 
-class LlmdError(Exception):
-    """Base of every error llmd reports to a user: the message says what is wrong and how to fix it."""
+__all__ = [
+    "AddressInUseError",
+    "ConfigError",
+    "EngineNotInstalledError",
+    "EngineStartError",
+    "LlmdError",
+    "NoRoomError",
+    "UnknownModelError",
+]
 
 
 class ConfigError(LlmdError):

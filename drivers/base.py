@@ -1,19 +1,19 @@
 """The types a driver works with: what the scheduler decided, and what the supervisor runs.
 
-Third-party drivers import these from `llmd.drivers.base`.
+Third-party drivers import these from `llmd.drivers.base`. The driver API stands alone: it
+imports nothing from the daemon, which builds on it instead (`tests/test_driver_api_isolation.py`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from llmd.daemon.placement.estimate import Estimate
-    from llmd.daemon.models.profiles import Profile
+from .errors import LlmdError
+from .estimate import Estimate, Estimator
+from .settings import ProfileView
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class Placement:
 class LaunchRequest:
     """Everything a driver needs to build one engine's command line."""
 
-    profile: Profile
+    # The profile's name, aliases and `[launch]` settings (the daemon passes its whole profile).
+    profile: ProfileView
     placement: Placement
     model_path: Path
     host: str
@@ -77,9 +78,10 @@ class LaunchRequest:
     # argv prefix from `[engines.NAME] command`, already resolved to an executable.
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    # Where `planned_estimate` gets the estimate: the daemon passes its planner's cache, which
-    # already holds the one the scheduler placed the model with. None: read the model's headers.
-    estimator: Callable[[Profile, Path], Estimate] | None = None
+    # Where `planned_estimate` gets the estimate, by context length: the daemon passes its
+    # planner's cache, which already holds the one the scheduler placed the model with.
+    # None: no estimate (`planned_estimate` returns None).
+    estimator: Estimator | None = None
 
 
 def planned_estimate(request: LaunchRequest) -> Estimate | None:
@@ -87,21 +89,15 @@ def planned_estimate(request: LaunchRequest) -> Estimate | None:
 
     This is what the scheduler planned with, so drivers that must cap an engine's KV cache or
     offload (fastllm's --kv_cache_limit, vLLM's --kv-cache-memory-bytes) use the same numbers.
-    None when the model cannot be read well enough: the engine then reports the problem itself,
-    with a better message than a guess here could give.
+    None when the request carries no estimator, or when the model cannot be read well enough:
+    the engine then reports the problem itself, with a better message than a guess here could give.
     """
-    from llmd.daemon.errors import LlmdError
-    from llmd.daemon.placement.estimate import estimate_profile
-
-    profile = request.profile
-    if profile.launch.ctx != request.placement.ctx:
-        launch = profile.launch.model_copy(update={"ctx": request.placement.ctx})
-        profile = profile.model_copy(update={"launch": launch})
-    estimator = request.estimator or estimate_profile
+    if request.estimator is None:
+        return None
     try:
-        return estimator(profile, request.model_path)
+        return request.estimator(request.placement.ctx)
     except (LlmdError, OSError, ValueError) as exc:
-        log.warning("%s: cannot estimate the model's memory (%s)", profile.name, exc)
+        log.warning("%s: cannot estimate the model's memory (%s)", request.profile.name, exc)
         return None
 
 

@@ -27,6 +27,7 @@ from conftest import engine_command, engine_processes, wait_until
 from llmd.daemon.config import DaemonConfig
 from llmd.daemon.engines.commands import resolve_command
 from llmd.daemon.errors import EngineNotInstalledError
+from llmd.daemon.placement.estimate import launch_estimator
 from llmd.daemon.models.profiles import Profile
 from llmd.daemon.engines.supervisor import EngineProcess, free_port, spawn_engine
 from llmd.drivers.base import GpuShare, LaunchRequest, LaunchSpec, Placement, load_progress
@@ -111,7 +112,8 @@ def _request(engine: str, placement: Placement, model: Path, *, extra_args: list
     )
     profile.name = "contract-model"
     return LaunchRequest(profile=profile, placement=placement, model_path=model, host="127.0.0.1", port=port,
-                         command=command or ["/opt/engine/bin/serve"], env={"FROM_ENGINE_CONFIG": "1"})
+                         command=command or ["/opt/engine/bin/serve"], env={"FROM_ENGINE_CONFIG": "1"},
+                         estimator=launch_estimator(profile, model))
 
 
 # ---------------------------------------------------------------------------------------------

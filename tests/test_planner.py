@@ -101,6 +101,7 @@ def test_a_launch_reuses_the_planned_estimate_until_the_model_file_changes(tmp_p
     import os
 
     from llmd.daemon.placement import planner as planner_module
+    from llmd.daemon.placement.estimate import launch_estimator
     from llmd.drivers.base import LaunchRequest, planned_estimate
 
     model = write_tiny_gguf(tmp_path / "m.gguf")
@@ -118,7 +119,7 @@ def test_a_launch_reuses_the_planned_estimate_until_the_model_file_changes(tmp_p
     assert (reads, stats) == ([model], [model])  # one header read, one fingerprint per plan
 
     request = LaunchRequest(profile=profile, placement=result.placement, model_path=model, host="127.0.0.1", port=1,
-                            command=["engine"], estimator=planner.estimate)
+                            command=["engine"], estimator=launch_estimator(profile, model, planner.estimate))
     planned = planned_estimate(request)
     assert planned is not None and len(reads) == 1  # the launch took the planned estimate from the cache
 

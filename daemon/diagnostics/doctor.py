@@ -30,6 +30,7 @@ from llmd.drivers.base import Driver, GpuShare, LaunchRequest, Placement, load_p
 from llmd.daemon.config import DaemonConfig, split_host_port
 from llmd.daemon.engines.commands import INSTALLABLE_ENGINES, resolve_command
 from llmd.daemon.errors import AddressInUseError, ConfigError, EngineNotInstalledError, LlmdError
+from llmd.daemon.placement.estimate import launch_estimator
 from llmd.daemon.placement.inventory import CpuOnlyInventory, open_inventory
 from llmd.daemon.http.listeners import bind_tcp
 from llmd.daemon.models.profiles import Launch, ModelSource, Profile, ProfileSet
@@ -484,7 +485,7 @@ async def _start_and_ask(
     scratch.mkdir()
     env = {"TMPDIR": str(scratch), **config.engine(driver.name).env}
     request = LaunchRequest(profile=profile, placement=placement, model_path=model, host="127.0.0.1", port=port,
-                            command=command, env=env)
+                            command=command, env=env, estimator=launch_estimator(profile, model))
     spec = driver.launch(request)
     # The temp dir is the owner mark: no daemon's leftover reaping ever claims this engine.
     engine = spawn_engine(SMOKE_MODEL, spec, port, root / "engine.log", owner=str(root))

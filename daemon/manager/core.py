@@ -27,7 +27,7 @@ from llmd.daemon.config import DaemonConfig
 from llmd.daemon.engines.commands import resolve_command
 from llmd.daemon.models.downloads import resolve_cached
 from llmd.daemon.errors import EngineStartError, LlmdError, NoRoomError, UnknownModelError
-from llmd.daemon.placement.estimate import GPU_OVERHEAD_MIB
+from llmd.daemon.placement.estimate import GPU_OVERHEAD_MIB, launch_estimator
 from llmd.daemon.engines.ledger import PidLedger
 from llmd.daemon.http.metrics import Metrics
 from llmd.daemon.placement.planner import Planner
@@ -487,7 +487,8 @@ class Manager:
             port=port,
             command=command,
             env=dict(self.config.engine(driver.name).env),
-            estimator=self.planner.estimate,  # the estimate just planned with, from its cache
+            # The estimate just planned with, from the planner's cache.
+            estimator=launch_estimator(profile, model_path, self.planner.estimate),
         )
         spec = driver.launch(request)
         engine = spawn_engine(profile.name, spec, port, self._log_path(profile.name), str(self.config.server.state_dir))

@@ -10,22 +10,22 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmd.daemon.util.durations import parse_duration
 from llmd.daemon.errors import ConfigError
 from llmd.daemon.util.validation import read_toml, validate_file_data
+from llmd.drivers.settings import LaunchSettings
 
 # Model ids travel in URLs, file names and log names: keep them to a safe alphabet.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 _Strict = ConfigDict(extra="forbid")
 
-# Flags through which extra_args could move an engine off 127.0.0.1 or off the port llmd picked,
-# where it would be reachable without the proxy's API keys.
-_RESERVED_FLAGS = ("--host", "--port")
+# The `[launch]` table is defined by the driver API, which turns it into argv.
+Launch = LaunchSettings
 
 
 def check_model_name(name: str) -> str:
@@ -55,37 +55,6 @@ class ModelSource(BaseModel):
         if self.hf_file is not None and self.hf_repo is None:
             raise ValueError("hf_file needs hf_repo")
         return self
-
-
-class Launch(BaseModel):
-    """How the engine is started."""
-
-    model_config = _Strict
-
-    ctx: Annotated[int, Field(gt=0, le=10_000_000)] = 4096
-    # Concurrent sequences (llama.cpp slots); the KV cache is sized for all of them.
-    parallel: Annotated[int, Field(ge=1, le=1024)] = 1
-    # 1, N cards, or "auto" to let the scheduler split across cards when one is too small.
-    tensor_parallel: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
-    # What may move to CPU when the GPUs are too small: nothing, whole layers, or MoE experts;
-    # an integer fixes the number of layers kept on CPU.
-    offload: Literal["none", "auto", "moe-experts"] | Annotated[int, Field(ge=0, le=100_000)] = "none"
-    # KV cache element type, as llama.cpp names it (f16, q8_0, ...).
-    cache_type: str = "f16"
-    # Engine-specific flags, appended verbatim as argv items (never through a shell).
-    extra_args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("extra_args")
-    @classmethod
-    def _no_listen_flags(cls, value: list[str]) -> list[str]:
-        for arg in value:
-            flag = arg.split("=", 1)[0]
-            if flag in _RESERVED_FLAGS:
-                raise ValueError(
-                    f"{flag} is set by llmd (engines listen on 127.0.0.1, on a port llmd picks); remove it"
-                )
-        return value
 
 
 class PlacementRules(BaseModel):

@@ -15,6 +15,9 @@ Four parts, matching the four buffers llama-server reports with `-lv 4`:
 `tests/test_estimate_accuracy.py` checks the first three against what llama-server logs.
 `placement.vram_mib` is *not* handled here: `scheduler.need_for_profile` applies it, because
 it replaces the estimate rather than adjusting it.
+
+The `Estimate` type itself, and the per-card overhead it defaults to, belong to the driver API
+(`llmd.drivers.estimate`), which hands the estimate to drivers; this module works it out.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import json
 import math
 import re
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmd.daemon.errors import LlmdError
+from llmd.drivers.estimate import GPU_OVERHEAD_MIB, MIB, Estimate, Estimator
 
 if TYPE_CHECKING:
     from llmd.daemon.models.profiles import Profile
@@ -45,14 +49,8 @@ __all__ = [
     "estimate_hf_dir",
     "estimate_profile",
     "kv_cells",
+    "launch_estimator",
 ]
-
-MIB = 1024 * 1024
-
-# CUDA context, cuBLAS workspace and the runtime's own allocations: about 300-500 MiB per card
-# on current drivers, visible in nvidia-smi but in no engine log. Paid once per card used;
-# nothing on a CPU-only placement.
-GPU_OVERHEAD_MIB = 400
 
 # llama.cpp's default micro-batch (`-ub`): the compute buffer is sized for this many tokens.
 DEFAULT_UBATCH = 512
@@ -67,55 +65,6 @@ _HF_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 class EstimateError(LlmdError):
     """A model file could not be read well enough to estimate its memory."""
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Memory a model needs, in bytes, split the way placement decisions need it.
-
-    `layer_bytes[i]` includes `moe_expert_bytes[i]`. `kv_bytes` includes any recurrent state.
-    `compute_bytes` is per card (every card runs its own graph).
-    """
-
-    weights_bytes: int
-    layer_bytes: tuple[int, ...]
-    non_layer_bytes: int
-    moe_expert_bytes: tuple[int, ...]
-    kv_bytes: int
-    compute_bytes: int
-    n_layers: int
-    n_head: int
-    n_head_kv: int
-    kv_cells: int = 0
-    recurrent_bytes: int = 0
-    gpu_overhead_mib: int = GPU_OVERHEAD_MIB
-    source: str = ""
-    notes: tuple[str, ...] = field(default=())
-
-    def gpu_total_mib(self, gpus: int = 1) -> int:
-        """MiB over all cards when the whole model is on `gpus` cards (0 = on the CPU)."""
-        per_card = self.compute_bytes / MIB + (self.gpu_overhead_mib if gpus > 0 else 0)
-        return math.ceil((self.weights_bytes + self.kv_bytes) / MIB + per_card * max(gpus, 1))
-
-    def breakdown(self) -> dict[str, Any]:
-        """What `llmctl plan` prints: each part in MiB, and the model's shape."""
-        return {
-            "weights_mib": round(self.weights_bytes / MIB, 1),
-            "non_layer_mib": round(self.non_layer_bytes / MIB, 1),
-            "per_layer_mib": round(sum(self.layer_bytes) / max(self.n_layers, 1) / MIB, 1),
-            "moe_experts_mib": round(sum(self.moe_expert_bytes) / MIB, 1),
-            "kv_mib": round(self.kv_bytes / MIB, 1),
-            "recurrent_mib": round(self.recurrent_bytes / MIB, 1),
-            "kv_cells": self.kv_cells,
-            "compute_mib": round(self.compute_bytes / MIB, 1),
-            "gpu_overhead_mib": self.gpu_overhead_mib,
-            "total_one_gpu_mib": self.gpu_total_mib(1),
-            "n_layers": self.n_layers,
-            "n_head": self.n_head,
-            "n_head_kv": self.n_head_kv,
-            "source": self.source,
-            "notes": list(self.notes),
-        }
 
 
 @dataclass(frozen=True)
@@ -727,3 +676,24 @@ def estimate_profile(profile: Profile, model_path: Path) -> Estimate:
         ubatch=flags.ubatch,
         batch=flags.batch,
     )
+
+
+def launch_estimator(
+    profile: Profile,
+    model_path: Path,
+    estimate: Callable[[Profile, Path], Estimate] = estimate_profile,
+) -> Estimator:
+    """The `LaunchRequest.estimator` for `profile`: its estimate at a given context length.
+
+    The scheduler may lower the context to fit, so a driver asks for the placement's. Pass the
+    planner's cached `estimate` to hand the driver the very numbers the model was placed with.
+    """
+
+    def at_ctx(ctx: int) -> Estimate:
+        sized = profile
+        if profile.launch.ctx != ctx:
+            launch = profile.launch.model_copy(update={"ctx": ctx})
+            sized = profile.model_copy(update={"launch": launch})
+        return estimate(sized, model_path)
+
+    return at_ctx
