@@ -280,7 +280,7 @@ def _main_daemon(settings: Settings, only: Sequence[str], llama_server: Path, ng
                 log(f"streaming, tiny model: (clients, rounds) {settings.tiny_levels}")
                 sections.append(_timed(lambda: streaming.measure(
                     tiny, "tiny", "tiny", settings.tiny_levels, settings.stream_tokens, cpu_of=dict(pids),
-                    chunk_cpu=chunk_cpu,
+                    chunk_cpu=chunk_cpu, judged=False,
                 )))
                 large = targets("large")
                 log(f"streaming, large model: (clients, rounds) {settings.large_levels}")
