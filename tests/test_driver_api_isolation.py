@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 DRIVERS = Path(__file__).resolve().parent.parent / "drivers"
+# A complete third-party driver package: it too must need nothing but the driver API.
+THIRD_PARTY = Path(__file__).resolve().parent / "thirdparty_driver" / "llmd_fake_openai"
 PACKAGE = "llmd.drivers"
 FORBIDDEN = "llmd.daemon"
 # Calls that import a module named by a string.
@@ -59,6 +61,13 @@ def test_no_driver_module_imports_the_daemon() -> None:
     assert paths, f"no driver modules found in {DRIVERS}"
     offending = [line for path in paths for line in forbidden_imports(path)]
     assert not offending, "llmd.drivers must not import llmd.daemon:\n" + "\n".join(offending)
+
+
+def test_the_third_party_driver_imports_only_the_driver_api() -> None:
+    paths = sorted(THIRD_PARTY.glob("*.py"))
+    assert paths, f"no modules found in {THIRD_PARTY}"
+    offending = [line for path in paths for line in forbidden_imports(path, THIRD_PARTY.name)]
+    assert not offending, "a third-party driver must need only llmd.drivers:\n" + "\n".join(offending)
 
 
 def test_the_scan_sees_lazy_relative_and_type_checking_imports(tmp_path: Path) -> None:
