@@ -220,3 +220,47 @@ def init_command(config_path: Path | None, demo: bool) -> None:
     if demo:
         model, profile = write_demo(config)
         click.echo(f"demo model: {model}\ndemo profile: {profile}")
+
+
+def _engine_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (value or "").split(",") if name.strip())
+
+
+@main.command("install")
+@click.option("--engines", callback=_engine_list, metavar="ENGINE[,ENGINE...]",
+              help="also build these engines as the llmd user: llama-cpp, fastllm, vllm")
+@click.option("--cuda", is_flag=True, help="build the engines' CUDA flavour (with --engines)")
+@click.option("--no-start", is_flag=True, help="enable the service without starting it")
+@click.option("--root", "root", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="set up the tree at DIR (an image) instead of the running system")
+def install_command(engines: tuple[str, ...], cuda: bool, no_start: bool, root: Path | None) -> None:
+    """Set llmd up as a systemd service (as root): user, directories, config, unit, start.
+
+    Running it again changes nothing; an existing /etc/llmd/llmd.toml is never overwritten.
+    """
+    # Loaded here so that `llmd serve` does not import the installer.
+    from llmd.daemon.service.install import install
+    from llmd.daemon.service.layout import Target
+
+    try:
+        install(Target(root.absolute() if root else None), engines, cuda=cuda, start=not no_start, echo=click.echo)
+    except LlmdError as exc:
+        click.echo(f"llmd install: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command("uninstall")
+@click.option("--purge", is_flag=True, help="also remove /etc/llmd and /var/lib/llmd (config, profiles, models, engines)")
+@click.option("--remove-user", is_flag=True, help="with --purge, also remove the llmd user and group")
+@click.option("--root", "root", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="undo an install into the tree at DIR instead of the running system")
+def uninstall_command(purge: bool, remove_user: bool, root: Path | None) -> None:
+    """Stop and remove the llmd service; keeps config, models and state unless --purge."""
+    from llmd.daemon.service.layout import Target
+    from llmd.daemon.service.uninstall import uninstall
+
+    try:
+        uninstall(Target(root.absolute() if root else None), purge=purge, remove_user=remove_user, echo=click.echo)
+    except LlmdError as exc:
+        click.echo(f"llmd uninstall: {exc}", err=True)
+        sys.exit(1)
