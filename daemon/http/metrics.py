@@ -6,8 +6,10 @@ daemons in one process, as in tests, never share counts):
 - `RequestMetrics`, an ASGI middleware around the proxy app, times and counts each request
   from the ASGI messages it passes on, and reads the engine's `timings` / `usage` from the reply;
 - the manager calls `load_finished`, `evicted` and `swap_finished` as those happen;
-- `_StateCollector` reads the manager's model states and GPU report when Prometheus scrapes,
-  so nothing is updated on every change.
+- `_StateCollector` reads the manager's model states and GPU report (memory and telemetry)
+  when Prometheus scrapes, so nothing is updated on every change;
+- `GpuEnergy` counts each reply's generated tokens to the cards its model runs on, for the
+  energy per token of each card.
 
 docs/metrics.md lists every metric with its labels.
 """
@@ -31,7 +33,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
@@ -39,6 +41,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmd.daemon.http.client_link import BODY_TAP_KEY, client_link
+from llmd.daemon.http.gpu_energy import CardsOf, GpuEnergy
 from llmd.daemon.http.openai_errors import CLIENT_GONE, MODEL_ROUTES, MODELS_LIST_ROUTE
 from llmd.daemon.http.upstream import find_header
 
@@ -83,11 +86,12 @@ GpuReport = Callable[[], dict[str, Any]]
 class Metrics:
     """The daemon's metrics: one registry, the manager's hooks, and the `/metrics` route.
 
-    `models` and `gpus` are read at scrape time (the manager's `status` and `gpu_report`).
+    `models` and `gpus` are read at scrape time (the manager's `status` and `gpu_report`);
+    `cards_of` names the cards a model runs on, so that its generated tokens count to them.
     With `enabled` false, nothing is served, but the hooks still work, so callers need no checks.
     """
 
-    def __init__(self, enabled: bool, models: ModelRows, gpus: GpuReport) -> None:
+    def __init__(self, enabled: bool, models: ModelRows, gpus: GpuReport, cards_of: CardsOf | None = None) -> None:
         self.enabled = enabled
         # Without this, every counter and histogram also exports a `_created` timestamp series,
         # doubling what Prometheus stores for nothing a dashboard uses. (A process-wide switch.)
@@ -142,7 +146,8 @@ class Metrics:
             "llmd_swap_duration_seconds", "`llmctl load NEW --replace OLD`, from start to NEW ready and OLD stopped",
             ["model"], buckets=_LOAD_BUCKETS, registry=r,
         )
-        r.register(_StateCollector(models, gpus))
+        self.gpu_energy = GpuEnergy(cards_of)
+        r.register(_StateCollector(models, gpus, self.gpu_energy))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -195,11 +200,12 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    """Model states and GPU memory, read from the manager at scrape time."""
+    """Model states, GPU memory and telemetry, read from the manager at scrape time."""
 
-    def __init__(self, models: ModelRows, gpus: GpuReport) -> None:
+    def __init__(self, models: ModelRows, gpus: GpuReport, energy: GpuEnergy) -> None:
         self._models = models
         self._gpus = gpus
+        self._energy = energy
 
     def collect(self) -> Iterable[Metric]:
         ok = GaugeMetricFamily("llmd_scrape_source_ok", "1 if the source could be read for this scrape", labels=["source"])
@@ -228,7 +234,8 @@ class _StateCollector(Collector):
         free = GaugeMetricFamily("llmd_gpu_memory_free_bytes", "Card memory free now", labels=labels)
         foreign = GaugeMetricFamily("llmd_gpu_memory_foreign_bytes", "Card memory held by processes that are not llmd's engines", labels=labels)
         placed = GaugeMetricFamily("llmd_gpu_memory_placed_bytes", "Card memory llmd has placed a model on", labels=["gpu", "model"])
-        for card in self._gpus()["gpus"]:
+        cards = self._gpus()["gpus"]
+        for card in cards:
             gpu = str(card["index"])
             info.add_metric([gpu, str(card["uuid"]), str(card["name"])], 1)
             total.add_metric([gpu], card["total_mib"] * MIB)
@@ -236,7 +243,41 @@ class _StateCollector(Collector):
             foreign.add_metric([gpu], card["foreign_mib"] * MIB)
             for claim in card["models"]:
                 placed.add_metric([gpu, claim["model"]], claim["vram_mib"] * MIB)
-        return [info, total, free, foreign, placed]
+        return [info, total, free, foreign, placed, *self._telemetry_families(cards)]
+
+    def _telemetry_families(self, cards: list[dict[str, Any]]) -> list[Metric]:
+        """Each reading a card gives; a card without one has no sample in that family (never NaN)."""
+        labels = ["gpu"]
+        readings = [
+            # (family, the report's key, what to divide it by for the metric's unit)
+            (GaugeMetricFamily("llmd_gpu_temperature_celsius", "GPU temperature", labels=labels), "temperature_c", 1),
+            (GaugeMetricFamily("llmd_gpu_power_watts", "Power draw now", labels=labels), "power_w", 1),
+            (GaugeMetricFamily("llmd_gpu_power_limit_watts", "Power limit the driver enforces", labels=labels), "power_limit_w", 1),
+            (GaugeMetricFamily("llmd_gpu_utilization_ratio", "Share of the last sample period a kernel ran (0-1)", labels=labels),
+             "utilization_gpu_pct", 100),
+            (GaugeMetricFamily("llmd_gpu_memory_utilization_ratio", "Share of the last sample period card memory was read or written (0-1)",
+                               labels=labels), "utilization_memory_pct", 100),
+            (GaugeMetricFamily("llmd_gpu_fan_speed_ratio", "Fan speed, as a share of its maximum (0-1)", labels=labels), "fan_pct", 100),
+            (CounterMetricFamily("llmd_gpu_energy_joules", "Energy the card used since its driver was loaded", labels=labels), "energy_j", 1),
+        ]
+        tokens = CounterMetricFamily("llmd_gpu_completion_tokens", "Generated tokens of the models placed on the card", labels=labels)
+        per_token = GaugeMetricFamily(
+            "llmd_gpu_energy_per_token_joules", "Card energy per token generated on it, since llmd first read its energy counter",
+            labels=labels,
+        )
+        counted = self._energy.tokens()
+        for card in cards:
+            gpu = str(card["index"])
+            for family, key, divisor in readings:
+                value = card.get(key)
+                if value is not None:
+                    family.add_metric([gpu], value / divisor)
+            tokens.add_metric([gpu], counted.get(card["index"], 0.0))
+            energy = card.get("energy_j")
+            spent = None if energy is None else self._energy.joules_per_token(card["index"], energy)
+            if spent is not None:
+                per_token.add_metric([gpu], spent)
+        return [family for family, _, _ in readings] + [tokens, per_token]
 
 
 # ----- requests -----
@@ -317,6 +358,7 @@ class _EngineReport:
             metrics.child(metrics.prompt_tokens, model).inc(prompt)
         if completion:
             metrics.child(metrics.completion_tokens, model).inc(completion)
+            metrics.gpu_energy.generated(model, completion)
 
     def _token_counts(self) -> tuple[float | None, float | None]:
         """From `usage`; without it (llama-server's streams), from `timings`, where the prompt

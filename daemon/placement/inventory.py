@@ -10,6 +10,9 @@ Three sources share one small interface (`Inventory`):
   saying why, instead of a crash at startup.
 
 Memory is counted in MiB throughout, as NVML users and `nvidia-smi` do.
+
+`snapshot()` reads memory only, which is all placement needs; `snapshot(telemetry=True)` adds
+each card's temperature, power, utilisation, fan and energy readings (telemetry.py) for reports.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from typing import Annotated, Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmd.daemon.errors import ConfigError
+from llmd.daemon.placement.telemetry import NO_TELEMETRY, TELEMETRY_FIELDS, GpuTelemetry, read_nvml_telemetry
 from llmd.daemon.util.validation import describe_validation_error
 
 __all__ = [
     "CpuOnlyInventory",
     "GpuInfo",
     "GpuProcess",
+    "GpuTelemetry",
     "Inventory",
     "NvmlInventory",
     "SimulatedInventory",
@@ -57,6 +62,8 @@ class GpuInfo:
     free_mib: int
     used_mib: int
     processes: tuple[GpuProcess, ...] = ()
+    # Empty (all None) unless the snapshot was asked for telemetry.
+    telemetry: GpuTelemetry = NO_TELEMETRY
 
 
 class Inventory(Protocol):
@@ -64,8 +71,8 @@ class Inventory(Protocol):
 
     note: str
 
-    def snapshot(self) -> list[GpuInfo]:
-        """The cards now, in NVML index order."""
+    def snapshot(self, *, telemetry: bool = False) -> list[GpuInfo]:
+        """The cards now, in NVML index order; with `telemetry`, their readings too (for reports)."""
         ...
 
 
@@ -96,7 +103,7 @@ class NvmlInventory:
             driver = "unknown"
         self.note = f"NVML: {count} GPU{'s' if count != 1 else ''}, driver {driver}"
 
-    def snapshot(self) -> list[GpuInfo]:
+    def snapshot(self, *, telemetry: bool = False) -> list[GpuInfo]:
         nvml = self._nvml
         gpus: list[GpuInfo] = []
         for index in range(nvml.nvmlDeviceGetCount()):
@@ -121,6 +128,7 @@ class NvmlInventory:
                     free_mib=_mib(memory.free),
                     used_mib=_mib(memory.used),
                     processes=processes,
+                    telemetry=read_nvml_telemetry(nvml, handle) if telemetry else NO_TELEMETRY,
                 )
             )
         return gpus
@@ -147,6 +155,14 @@ class _SimGpu(BaseModel):
     total_mib: Annotated[int, Field(gt=0)]
     free_mib: Annotated[int, Field(ge=0)]
     uuid: str | None = None
+    # Telemetry, all optional: a card without a reading shows "n/a", as a real one would.
+    temperature_c: int | None = None
+    power_w: Annotated[float, Field(ge=0)] | None = None
+    power_limit_w: Annotated[float, Field(gt=0)] | None = None
+    utilization_gpu_pct: Annotated[int, Field(ge=0, le=100)] | None = None
+    utilization_memory_pct: Annotated[int, Field(ge=0, le=100)] | None = None
+    fan_pct: Annotated[int, Field(ge=0, le=100)] | None = None
+    energy_j: Annotated[float, Field(ge=0)] | None = None
 
     @model_validator(mode="after")
     def _free_within_total(self) -> _SimGpu:
@@ -172,6 +188,9 @@ class SimulatedInventory:
 
         {"gpus": [{"name": "RTX 4090", "total_mib": 24564, "free_mib": 24000}]}
 
+    A card may carry telemetry too (`temperature_c`, `power_w`, `power_limit_w`,
+    `utilization_gpu_pct`, `utilization_memory_pct`, `fan_pct`, `energy_j`); the readings stay
+    as written, since nothing runs on a simulated card.
     `free_mib` is what other programs leave free; llmd's own engines are layered on top through
     `claim` and `release`, so a dry run sees its earlier decisions the way NVML would.
     The daemon is a single-threaded asyncio program, so plain dict updates are safe here.
@@ -198,7 +217,7 @@ class SimulatedInventory:
         """Forget `owner`'s memory, as when its engine exits. Unknown owners are ignored."""
         self._claims.pop(owner, None)
 
-    def snapshot(self) -> list[GpuInfo]:
+    def snapshot(self, *, telemetry: bool = False) -> list[GpuInfo]:
         gpus: list[GpuInfo] = []
         for base in self._base:
             processes = tuple(
@@ -217,6 +236,7 @@ class SimulatedInventory:
                     free_mib=free,
                     used_mib=base.total_mib - free,
                     processes=processes,
+                    telemetry=base.telemetry if telemetry else NO_TELEMETRY,
                 )
             )
         return gpus
@@ -248,6 +268,7 @@ def _load_snapshot(path: Path) -> list[GpuInfo]:
             total_mib=gpu.total_mib,
             free_mib=gpu.free_mib,
             used_mib=gpu.total_mib - gpu.free_mib,
+            telemetry=GpuTelemetry(**gpu.model_dump(include=set(TELEMETRY_FIELDS))),
         )
         for index, gpu in enumerate(snapshot.gpus)
     ]
@@ -268,7 +289,7 @@ class CpuOnlyInventory:
     def __init__(self, note: str = "no GPUs: running in CPU-only mode") -> None:
         self.note = note
 
-    def snapshot(self) -> list[GpuInfo]:
+    def snapshot(self, *, telemetry: bool = False) -> list[GpuInfo]:
         return []
 
 

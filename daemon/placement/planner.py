@@ -89,8 +89,12 @@ class Planner:
     def simulated(self) -> bool:
         return isinstance(self.inventory, SimulatedInventory)
 
-    def snapshot(self) -> list[GpuInfo]:
-        return self.inventory.snapshot()
+    def snapshot(self, *, telemetry: bool = False) -> list[GpuInfo]:
+        """The cards now; with `telemetry`, their temperature, power and other readings, which
+        cost a driver call each per card: for reports, never for placement."""
+        # Placement asks only for memory, so it passes no argument, and a stand-in inventory
+        # without telemetry need only offer a plain snapshot().
+        return self.inventory.snapshot(telemetry=True) if telemetry else self.inventory.snapshot()
 
     def estimate(self, profile: Profile, model_path: Path) -> Estimate:
         """The estimate for this profile, read from the model's headers once per file and settings.

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from llmd.daemon.diagnostics.bench_store import HeadlineCache
 from llmd.daemon.web.dashboard_auth import DASHBOARD_PATH, LOGIN_PATH, TOKEN_CHECK, TokenCheck, login_cookie, logout_cookie
 from llmd.daemon.manager.core import Manager
+from llmd.daemon.placement.telemetry import has_readings, telemetry_text
 from llmd.daemon.util.units import format_mib
 
 FILES = Path(__file__).parent / "dashboard_files"
@@ -64,7 +65,8 @@ def _percent(part: float, whole: float) -> float:
 
 
 def gpu_views(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each card of `Manager.gpu_report()` as a bar: a segment per model, one for other programs, the rest free."""
+    """Each card of `Manager.gpu_report()` as a bar: a segment per model, one for other programs,
+    the rest free; with its telemetry as text (None for a card that gives no reading at all)."""
     cards = []
     for gpu in report["gpus"]:
         total = gpu["total_mib"]
@@ -77,7 +79,10 @@ def gpu_views(report: dict[str, Any]) -> list[dict[str, Any]]:
             width = min(_percent(mib, total), 100.0 - offset)
             segments.append({"model": model, "mib": mib, "state": state, "x": offset, "width": width})
             offset += width
-        cards.append({**gpu, "segments": segments, "used_percent": _percent(gpu["used_mib"], total)})
+        # A card with some readings shows them all, "n/a" for the missing; one with none (a
+        # simulated card without telemetry) shows no telemetry line at all.
+        readings = telemetry_text(gpu) if has_readings(gpu) else None
+        cards.append({**gpu, "segments": segments, "used_percent": _percent(gpu["used_mib"], total), "readings": readings})
     return cards
 
 
