@@ -189,7 +189,7 @@ def plan(ctx: click.Context, name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON (raw MiB)")
 @click.pass_context
 def gpus(ctx: click.Context, as_json: bool) -> None:
-    """The GPUs, their memory, and which model holds what."""
+    """The GPUs, their memory, which model holds what, and their temperature, power and load."""
     report = daemon_for(ctx).call("GET", "/v1/gpus")
     if as_json:
         echo_json(report)
@@ -203,6 +203,23 @@ def gpus(ctx: click.Context, as_json: bool) -> None:
     ]
     if rows:
         click.echo(_table(rows, ["gpu", "name", "used", "free", "total", "llmd models", "others"]))
+    _echo_gpu_telemetry(report["gpus"])
+
+
+def _echo_gpu_telemetry(cards: list[dict[str, Any]]) -> None:
+    """A second table with each card's readings, "n/a" where a card gives none; left out when
+    no card gives any (a simulated inventory without telemetry)."""
+    from llmd.daemon.placement.telemetry import has_readings, telemetry_text  # only `gpus` needs it
+
+    if not any(has_readings(card) for card in cards):
+        return
+    rows = []
+    for card in cards:
+        text = telemetry_text(card)
+        rows.append([str(card["index"]), text["temperature"], f"{text['power']} / {text['power_limit']}",
+                     text["utilization_gpu"], text["utilization_memory"], text["fan"], text["energy"]])
+    click.echo()
+    click.echo(_table(rows, ["gpu", "temp", "power / limit", "util", "mem util", "fan", "energy"]))
 
 
 @main.command("ls")
