@@ -218,7 +218,7 @@ class Manager:
         self.instances: dict[str, Instance] = {}
         self.planner = Planner(config.gpus.simulate, config.server.state_dir, config.gpus.margin_mib)
         self.ledger = PidLedger(config.server.state_dir / "engines.json")
-        self.metrics = Metrics(config.metrics.enabled, models=self.status, gpus=self.gpu_report)
+        self.metrics = Metrics(config.metrics.enabled, models=self.status, gpus=self.gpu_report, cards_of=self.model_cards)
         self._tg: anyio.abc.TaskGroup | None = None
         # Set (and replaced) whenever room may have appeared: a model went idle, stopped or failed.
         self._changed = anyio.Event()
@@ -1055,7 +1055,8 @@ class Manager:
         return report
 
     def gpu_report(self) -> dict[str, Any]:
-        """Each card with its memory, and which of llmd's models claims how much of it."""
+        """Each card with its memory, which of llmd's models claims how much of it, and its
+        telemetry (temperature, power, ...: None where the card gives no reading)."""
         cards = []
         claims: dict[int, list[dict[str, Any]]] = {}
         ours: set[int] = set()
@@ -1066,15 +1067,24 @@ class Manager:
                 claims.setdefault(index, []).append({"model": inst.name, "vram_mib": mib, "state": inst.state.value})
             if inst.engine is not None:
                 ours |= process_tree(inst.engine.pid)
-        for gpu in self.planner.snapshot():
+        for gpu in self.planner.snapshot(telemetry=True):
             foreign = sum(p.used_mib for p in gpu.processes if p.pid not in ours)
             cards.append({
                 "index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
                 "total_mib": gpu.total_mib, "free_mib": gpu.free_mib, "used_mib": gpu.used_mib,
                 "models": sorted(claims.get(gpu.index, []), key=lambda c: c["model"]),
                 "foreign_mib": 0 if self.planner.simulated else foreign,
+                **gpu.telemetry.as_dict(),
             })
         return {"note": self.planner.inventory.note, "gpus": cards}
+
+    def model_cards(self, name: str) -> list[int]:
+        """The cards (by index) the model `name` is placed on now; none when it is not placed.
+        Called for every reply that generated tokens (the metrics' energy per token): no I/O."""
+        inst = self.instances.get(name)
+        if inst is None or inst.placement is None:
+            return []
+        return [share.index for share in inst.placement.gpus]
 
     @staticmethod
     def _idle_seconds(inst: Instance, now: float) -> float | None:
