@@ -113,6 +113,11 @@ class ServerConfig(BaseModel):
     # `management_token` because a TCP port has no file permissions to guard it.
     management_listen: str | None = None
     management_token: SecretStr | None = None
+    # How many of the last proxied requests are kept in memory for `GET /v1/requests`,
+    # `llmctl requests` and the dashboard; 0 keeps none. Read at startup only.
+    request_log: Annotated[int, Field(ge=0, le=100_000)] = 200
+    # Whether the request log also keeps each request's and reply's body (the first 32 KiB of each).
+    log_bodies: bool = False
 
     @model_validator(mode="before")
     @classmethod

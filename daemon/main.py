@@ -30,6 +30,7 @@ from llmd.daemon.http.listeners import bind_tcp, bind_unix
 from llmd.daemon.manager.core import Manager
 from llmd.daemon.models.profiles import load_profiles
 from llmd.daemon.http.proxy import BearerAuth, Proxy, build_proxy_app
+from llmd.daemon.http.request_log import RequestLog
 from llmd.daemon.manager.reload import reload_on_sighup
 from llmd.daemon.util.sdnotify import notify, ping_watchdog_forever, watchdog_interval
 
@@ -89,7 +90,9 @@ def _server(app: ASGIApp, graceful_seconds: float, *, forwarded_headers: bool = 
     return _Server(config)
 
 
-def _management_over_tcp(manager: Manager, server: ServerConfig) -> tuple[_Server, socket.socket] | None:
+def _management_over_tcp(
+    manager: Manager, server: ServerConfig, requests: RequestLog, playground: ASGIApp
+) -> tuple[_Server, socket.socket] | None:
     """The management API on `[server] management_listen`, behind `management_token`; None if not configured."""
     if server.management_listen is None:
         return None
@@ -97,7 +100,7 @@ def _management_over_tcp(manager: Manager, server: ServerConfig) -> tuple[_Serve
     sock = bind_tcp(*split_host_port(server.management_listen), setting="[server] management_listen")
     token = server.management_token.get_secret_value()
     bearer = BearerAuth(
-        build_api_app(manager),
+        build_api_app(manager, requests, playground),
         [token],
         credential="the [server] management_token",
         reject=lambda message: JSONResponse({"error": message}, status_code=401),
@@ -128,10 +131,14 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     proxy_app = build_proxy_app(proxy, server.api_key_values(), extra_routes=manager.metrics.routes())
     # Nothing on the proxy port reads the client's address or scheme: without the forwarded
     # headers' middleware, every request skips a layer.
-    proxy_server = _server(manager.metrics.instrument(proxy_app), server.shutdown_grace, forwarded_headers=False)
-    api_server = _server(build_api_app(manager), API_SHUTDOWN_GRACE)
+    requests = RequestLog(server.request_log, server.log_bodies)
+    proxy_server = _server(manager.metrics.instrument(proxy_app, requests), server.shutdown_grace, forwarded_headers=False)
+    # The dashboard's playground enters the same proxy, counted and logged alike; the management
+    # listener's own access control stands in for an API key (docs/dashboard.md).
+    playground = manager.metrics.instrument(proxy, requests)
+    api_server = _server(build_api_app(manager, requests, playground), API_SHUTDOWN_GRACE)
     listeners = [(proxy_server, proxy_socket), (api_server, api_socket)]
-    management_tcp = _management_over_tcp(manager, server)
+    management_tcp = _management_over_tcp(manager, server, requests, playground)
     if management_tcp is not None:
         listeners.append(management_tcp)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,97 @@ def test_the_dashboard_in_chromium(make_daemon, tiny_gguf: Path, tmp_path: Path,
     assert problems == []
     context.close()
     assert TOKEN not in daemon.log()
+
+
+def _slow_tiny(model: Path) -> str:
+    """A profile whose engine takes 2 s to start (the `slow_llama` wrapper): long enough to watch it load."""
+    return _tiny(model) + '[launch.env]\nSLOW_START = "2"\n'
+
+
+@pytest.mark.engine
+def test_the_playground_and_the_requests_page_in_chromium(  # type: ignore[no-untyped-def]
+    make_daemon, tiny_gguf: Path, slow_llama: Path, browser
+) -> None:
+    from playwright.sync_api import expect
+
+    key = "playground-api-key-0123"
+    daemon, url = _managed_daemon(make_daemon, {"spare": _tiny(tiny_gguf), "tiny": _slow_tiny(tiny_gguf)})
+    config = daemon.root / "llmd.toml"
+    text = config.read_text().replace("[server]\n", f'[server]\napi_keys = ["{key}"]\n', 1)
+    config.write_text(re.sub(r'command = \["[^"]*"\]', f'command = ["{slow_llama}"]', text))
+    daemon.start()
+    bearer = {"authorization": f"Bearer {TOKEN}"}
+
+    context = browser.new_context()
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("console", lambda message: problems.append(message.text) if "Content Security Policy" in message.text else None)
+    page.goto(url + "/dashboard/login")
+    page.fill("#token", TOKEN)
+    page.click("#login-submit")
+    expect(page).to_have_url(url + "/dashboard")
+    page.click("#nav-playground")
+    expect(page).to_have_url(url + "/dashboard/playground")
+    expect(page.locator("#chat-model option")).to_have_text(["spare (stopped)", "tiny (stopped)"])
+
+    # The first message loads the model, showing its progress, then streams the reply in.
+    page.select_option("#chat-model", "tiny")
+    page.fill("#chat-max-tokens", "8")
+    page.fill("#chat-input", "hi")
+    page.click("#chat-send")
+    expect(page.locator("#chat-status")).to_contain_text("Loading tiny", timeout=10_000)
+    expect(page.locator("#chat-send")).to_be_enabled(timeout=90_000)
+    expect(page.locator("#chat-status")).to_have_text("")
+    expect(page.locator(".message.user .text")).to_have_text(["hi"])
+    reply = page.locator(".message.assistant .text")
+    expect(reply).to_have_count(1)
+    assert reply.inner_text().strip() and reply.inner_text() != "(no text)"
+    expect(page.locator("#chat-ttft")).to_have_text(re.compile(r"^\d+(\.\d+)? m?s$"))
+    expect(page.locator("#chat-tokens")).to_have_text(re.compile(r"^[1-8]$"))
+    expect(page.locator("#chat-speed")).to_have_text(re.compile(r"^\d+\.\d$"))
+    expect(page.locator('#chat-model option[value="tiny"]')).to_have_text("tiny (ready)")
+
+    # The conversation goes on, the model already loaded.
+    page.fill("#chat-input", "more")
+    page.keyboard.press("Enter")
+    expect(page.locator(".message.assistant")).to_have_count(2)
+    expect(page.locator("#chat-send")).to_be_enabled(timeout=60_000)
+    expect(page.locator("#chat-status")).to_have_text("")
+
+    # Both went through the proxy, streamed, and are in its request log; the page never had a key.
+    records = httpx.get(url + "/v1/requests", headers=bearer).json()["requests"]
+    assert [(r["model"], r["status"], r["stream"], r["path"]) for r in records] == [("tiny", 200, True, "/v1/chat/completions")] * 2
+    assert all(r["ttft_s"] > 0 and r["completion_tokens"] > 0 and r["client"] == "127.0.0.1" for r in records)
+    assert key not in page.content()
+
+    # Other sites cannot chat with the browser's login.
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    session = {COOKIE: session_value(TOKEN)}
+    for headers in ({"origin": EVIL}, {}):
+        forged = httpx.post(url + "/dashboard/playground/chat", json=chat, cookies=session, headers=headers)
+        assert forged.status_code == 403, forged.text
+    assert len(httpx.get(url + "/v1/requests", headers=bearer).json()["requests"]) == 2
+
+    page.click("#nav-requests")
+    expect(page).to_have_url(url + "/dashboard/requests")
+    rows = page.locator("tr.request")
+    expect(rows).to_have_count(2)
+    expect(rows.first.locator(".model")).to_have_text("tiny")
+    expect(rows.first.locator(".status")).to_have_text("200")
+    expect(rows.first.locator(".client")).to_have_text("127.0.0.1")
+    # A new request shows up without reloading the page.
+    proxied = httpx.post(daemon.url + "/v1/chat/completions", json=chat, headers={"authorization": f"Bearer {key}"}, timeout=60)
+    assert proxied.status_code == 200
+    expect(rows).to_have_count(3)
+    expect(rows.first.locator(".ttft")).to_have_text("-")  # not streamed
+    # The proxy's own door still wants a key.
+    assert httpx.post(daemon.url + "/v1/chat/completions", json=chat).status_code == 401
+    expect(rows).to_have_count(4)
+    expect(rows.first.locator(".status")).to_have_text("401")
+    assert problems == []
+    context.close()
+    assert TOKEN not in daemon.log() and key not in daemon.log()
 
 
 def test_every_dashboard_file_is_installed_with_the_package() -> None:

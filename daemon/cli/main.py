@@ -260,6 +260,53 @@ def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
         pass
 
 
+# How many of the last requests `requests -f` shows before following, without -n.
+FOLLOW_BACKLOG = 10
+# `requests -f` prints rows as they come, so its columns have fixed widths (longer cells overflow).
+_FOLLOW_WIDTHS = {"time": 8, "api": 6, "model": 16, "endpoint": 16, "status": 6, "client": 15, "ttft": 8,
+                  "prompt": 6, "generated": 9, "duration": 8}
+
+
+@main.command("requests")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (raw seconds; with -f, one object a line)")
+@click.option("-f", "--follow", is_flag=True, help="keep printing requests as they finish (oldest first)")
+@click.option("-n", "--limit", type=click.IntRange(0), default=None,
+              help=f"how many of the newest to show (default: all kept; {FOLLOW_BACKLOG} with -f)")
+@click.pass_context
+def recent_requests(ctx: click.Context, as_json: bool, follow: bool, limit: int | None) -> None:
+    """The last requests the proxy served, newest first: model, status, client, time to first token, tokens."""
+    from llmd.daemon.util.request_cells import COLUMNS, request_cells  # only `requests` needs it
+
+    daemon = daemon_for(ctx)
+    off = "the request log is off ([server] request_log = 0 in llmd.toml)"
+    if follow:
+        if not daemon.call("GET", "/v1/requests", params={"limit": 0})["kept"]:
+            fail(f"{off}: there is nothing to follow")
+        params = {"follow": "1", "limit": FOLLOW_BACKLOG if limit is None else limit}
+        if not as_json:
+            click.echo("  ".join(column.upper().ljust(_FOLLOW_WIDTHS[column]) for column in COLUMNS).rstrip())
+        try:
+            for line in daemon.stream_lines("GET", "/v1/requests", params=params):
+                if not line.strip():
+                    continue
+                if as_json:
+                    click.echo(line)
+                    continue
+                cells = request_cells(json.loads(line))
+                click.echo("  ".join(cells[column].ljust(_FOLLOW_WIDTHS[column]) for column in COLUMNS).rstrip())
+        except KeyboardInterrupt:
+            pass
+        return
+    answer = daemon.call("GET", "/v1/requests", params={} if limit is None else {"limit": limit})
+    if not answer["kept"]:
+        click.echo(f"llmctl: {off}", err=True)
+    if as_json:
+        echo_json(answer["requests"])
+        return
+    rows = [[request_cells(record)[column] for column in COLUMNS] for record in answer["requests"]]
+    click.echo(_table(rows, list(COLUMNS)))
+
+
 from llmd.daemon.cli.engines import engines  # noqa: E402  (registers the `engines` group)
 
 main.add_command(engines)

@@ -4,7 +4,8 @@ Three sources feed one registry per daemon (never prometheus-client's global one
 daemons in one process, as in tests, never share counts):
 
 - `RequestMetrics`, an ASGI middleware around the proxy app, times and counts each request
-  from the ASGI messages it passes on, and reads the engine's `timings` / `usage` from the reply;
+  from the ASGI messages it passes on, and reads the engine's `timings` / `usage` from the reply
+  (it also hands each finished request to the request log, request_log.py);
 - the manager calls `load_finished`, `evicted` and `swap_finished` as those happen;
 - `_StateCollector` reads the manager's model states and GPU report (memory and telemetry)
   when Prometheus scrapes, so nothing is updated on every change;
@@ -43,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llmd.daemon.http.client_link import BODY_TAP_KEY, client_link
 from llmd.daemon.http.gpu_energy import CardsOf, GpuEnergy
 from llmd.daemon.http.openai_errors import CLIENT_GONE, MODEL_ROUTES, MODELS_LIST_ROUTE
+from llmd.daemon.http.request_log import BodyCapture, RequestLog, RequestRecord, api_of, logged_path
 from llmd.daemon.http.upstream import find_header
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,9 @@ _ENDPOINTS = frozenset({*MODEL_ROUTES, MODELS_LIST_ROUTE})
 # Set by the proxy on the ASGI scope (through `name_model`) once a request's model is resolved
 # to a profile.
 MODEL_SCOPE_KEY = "llmd.model"
+# Set by the proxy to the model name the request asked for, once its body is read: the request
+# log shows it for requests that reached no profile (an unknown model's 404).
+ASKED_MODEL_KEY = "llmd.model_asked"
 # Where the request's `_Exchange` hears of it at once, so in-flight counts move to the model
 # before a cold load, not after it.
 _MODEL_NAMED_KEY = "llmd.model_named"
@@ -194,9 +199,13 @@ class Metrics:
         """`GET /metrics`, or nothing when `[metrics] enabled = false`."""
         return [Route(METRICS_PATH, self.endpoint, methods=["GET"])] if self.enabled else []
 
-    def instrument(self, app: ASGIApp) -> ASGIApp:
-        """`app` with its requests counted, or `app` itself when metrics are off."""
-        return RequestMetrics(app, self) if self.enabled else app
+    def instrument(self, app: ASGIApp, requests: RequestLog | None = None) -> ASGIApp:
+        """`app` with its requests counted and kept in `requests`; `app` itself when metrics are
+        off and no request log is kept."""
+        kept = requests if requests is not None and requests.enabled else None
+        if not self.enabled and kept is None:
+            return app
+        return RequestMetrics(app, self, kept)
 
 
 class _StateCollector(Collector):
@@ -353,14 +362,14 @@ class _EngineReport:
                 speed = _number(self.timings, key)
                 if speed:
                     metrics.child(histogram, model).observe(speed)
-        prompt, completion = self._token_counts()
+        prompt, completion = self.token_counts()
         if prompt:
             metrics.child(metrics.prompt_tokens, model).inc(prompt)
         if completion:
             metrics.child(metrics.completion_tokens, model).inc(completion)
             metrics.gpu_energy.generated(model, completion)
 
-    def _token_counts(self) -> tuple[float | None, float | None]:
+    def token_counts(self) -> tuple[float | None, float | None]:
         """From `usage`; without it (llama-server's streams), from `timings`, where the prompt
         is the part processed now plus the part reused from the cache."""
         if self.usage is not None:
@@ -381,12 +390,14 @@ def name_model(scope: Scope, model: str) -> None:
 
 
 class _Exchange:
-    """One request on its way through `RequestMetrics`: sees its ASGI messages, records it at the end."""
+    """One request on its way through `RequestMetrics`: sees its ASGI messages, records it at the
+    end in the metrics (when they are on) and in the request log (`requests`, when kept)."""
 
     __slots__ = (
         "_receive",
         "_send",
         "client_gone",
+        "counting",
         "complete",
         "endpoint",
         "first_byte",
@@ -394,14 +405,19 @@ class _Exchange:
         "metrics",
         "model",
         "report",
+        "requests",
         "scope",
         "started",
         "status",
         "stream",
     )
 
-    def __init__(self, metrics: Metrics, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(
+        self, metrics: Metrics, scope: Scope, receive: Receive, send: Send, requests: RequestLog | None = None
+    ) -> None:
         self.metrics = metrics
+        self.counting = metrics.enabled
+        self.requests = requests
         self.scope = scope
         self._receive = receive
         self._send = send
@@ -419,14 +435,16 @@ class _Exchange:
         self.report: _EngineReport | None = None
         scope[BODY_TAP_KEY] = self.saw_body
         scope[_MODEL_NAMED_KEY] = self._learn_model
-        metrics.child(metrics.in_flight, NO_MODEL).inc()
+        if self.counting:
+            metrics.child(metrics.in_flight, NO_MODEL).inc()
 
     def _learn_model(self) -> None:
         model = self.scope.get(MODEL_SCOPE_KEY)
         if model is not None and self.model is None:
             self.model = model
-            self.metrics.child(self.metrics.in_flight, NO_MODEL).dec()
-            self.metrics.child(self.metrics.in_flight, model).inc()
+            if self.counting:
+                self.metrics.child(self.metrics.in_flight, NO_MODEL).dec()
+                self.metrics.child(self.metrics.in_flight, model).inc()
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -473,20 +491,52 @@ class _Exchange:
             # nobody may have read the http.disconnect message.
             link = client_link(self.scope)
             self.client_gone = link is not None and link.disconnected
+        end = time.perf_counter()
+        code = self.status or (CLIENT_GONE if self.client_gone else 500)
+        reason = self._failure(code)
+        if self.counting:
+            self._count(code, reason, end)
+        if self.requests is not None:
+            self.requests.add(self._record(code, reason, end))
+
+    def _count(self, code: int, reason: str | None, end: float) -> None:
         m = self.metrics
         model = self.model if self.model is not None else NO_MODEL
         m.child(m.in_flight, model).dec()
-        end = time.perf_counter()
-        code = self.status or (CLIENT_GONE if self.client_gone else 500)
         m.child(m.requests, model, self.endpoint, str(code)).inc()
         m.child(m.duration, model, self.endpoint).observe(end - self.started)
-        reason = self._failure(code)
         if reason is not None:
             m.child(m.errors, model, self.endpoint, reason).inc()
         if self.report is not None:
             if self.stream and self.first_byte is not None:
                 m.child(m.ttft, model).observe(self.first_byte - self.started)
             self.report.record(m, model)
+
+    def _record(self, code: int, reason: str | None, end: float) -> RequestRecord:
+        """The request as the request log keeps it: the same facts the metrics count."""
+        scope = self.scope
+        report = self.report
+        prompt, completion = report.token_counts() if report is not None else (None, None)
+        ttft = None
+        if report is not None and self.stream and self.first_byte is not None:
+            ttft = round(self.first_byte - self.started, 4)
+        client = scope.get("client")
+        duration = end - self.started
+        return RequestRecord(
+            time=round(time.time() - duration, 3),
+            api=api_of(scope["path"]),
+            method=scope["method"],
+            path=logged_path(scope["path"]),
+            model=self.model if self.model is not None else scope.get(ASKED_MODEL_KEY),
+            status=code,
+            client=client[0] if client else None,
+            stream=self.stream,
+            ttft_s=ttft,
+            prompt_tokens=None if prompt is None else int(prompt),
+            completion_tokens=None if completion is None else int(completion),
+            duration_s=round(duration, 4),
+            error=reason,
+        )
 
     def _failure(self, code: int) -> str | None:
         if code == CLIENT_GONE:
@@ -502,18 +552,52 @@ class _Exchange:
         return "client_gone" if self.client_gone and not self.complete else "stream_broken"
 
 
-class RequestMetrics:
-    """ASGI middleware: counts and times each HTTP request to `app`, except scrapes of /metrics."""
+class _BodyKeepingExchange(_Exchange):
+    """An `_Exchange` that also keeps the first bytes of the request's and the reply's bodies for
+    the request log (`[server] log_bodies`); a class of its own, so that without it no chunk
+    pays for it."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    __slots__ = ("reply_body", "request_body")
+
+    def __init__(
+        self, metrics: Metrics, scope: Scope, receive: Receive, send: Send, requests: RequestLog | None = None
+    ) -> None:
+        super().__init__(metrics, scope, receive, send, requests)
+        self.request_body = BodyCapture()
+        self.reply_body = BodyCapture()
+
+    async def receive(self) -> Message:
+        message = await super().receive()
+        if message["type"] == "http.request":
+            self.request_body.feed(message.get("body", b""))
+        return message
+
+    def saw_body(self, body: bytes) -> None:
+        super().saw_body(body)
+        self.reply_body.feed(body)
+
+    def _record(self, code: int, reason: str | None, end: float) -> RequestRecord:
+        record = super()._record(code, reason, end)
+        record.request_body = self.request_body.text()
+        record.response_body = self.reply_body.text()
+        return record
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times each HTTP request to `app`, except scrapes of /metrics,
+    and keeps it in `requests` (the request log) when given one."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, requests: RequestLog | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.requests = requests if requests is not None and requests.enabled else None
+        self._exchange = _BodyKeepingExchange if self.requests is not None and self.requests.keep_bodies else _Exchange
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == METRICS_PATH:
             await self.app(scope, receive, send)
             return
-        exchange = _Exchange(self.metrics, scope, receive, send)
+        exchange = self._exchange(self.metrics, scope, receive, send, self.requests)
         try:
             await self.app(scope, exchange.receive, exchange.send)
         finally:

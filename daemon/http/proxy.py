@@ -28,7 +28,7 @@ from starlette.websockets import WebSocketClose
 from llmd.daemon.http.client_link import BODY_TAP_KEY, client_link
 from llmd.daemon.errors import LlmdError, NoRoomError, UnknownModelError
 from llmd.daemon.manager.core import Manager
-from llmd.daemon.http.metrics import name_model
+from llmd.daemon.http.metrics import ASKED_MODEL_KEY, name_model
 from llmd.daemon.http.openai_errors import CLIENT_GONE, MODEL_ROUTES, MODELS_LIST_ROUTE, error_response
 from llmd.daemon.http.upstream import Headers, UpstreamError, find_header
 from llmd.daemon.http.upstream import Response as UpstreamResponse
@@ -343,6 +343,7 @@ class Proxy:
             body = await _read_body(scope, receive, self.body_timeout)
             content_type = find_header(headers, b"content-type")
             model, payload = parse_request(body, None if content_type is None else content_type.decode("latin-1"))
+            scope[ASKED_MODEL_KEY] = model  # for the request log, should the name match no profile
             profile = self.manager.resolve(model)
             # For the metrics middleware, which labels the request by the model it reached.
             name_model(scope, profile.name)

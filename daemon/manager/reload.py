@@ -18,7 +18,9 @@ from llmd.daemon.util.sdnotify import notify
 log = logging.getLogger(__name__)
 
 # Settings bound at startup: a change to them is reported, and takes effect at the next start.
-_NEEDS_RESTART = ("listen", "socket", "state_dir", "management_listen", "api_keys", "management_token")
+_NEEDS_RESTART = (
+    "listen", "socket", "state_dir", "management_listen", "api_keys", "management_token", "request_log", "log_bodies",
+)
 # Whole sections read once, when the listeners' apps are built.
 _SECTIONS_NEEDING_RESTART = ("metrics", "dashboard")
 

@@ -13,9 +13,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from llmd.daemon.diagnostics.bench_store import bench_headline, write_bench
 from llmd.daemon.errors import LlmdError, UnknownModelError
+from llmd.daemon.http.request_log import RequestLog
 from llmd.daemon.util.log_lines import DEFAULT_LOG_LINES, MAX_LOG_LINES
 from llmd.daemon.manager.core import Manager
 from llmd.daemon.manager.reload import reload_profiles
@@ -33,8 +35,9 @@ def _ndjson(event: dict[str, Any]) -> bytes:
 
 
 class ManagementApi:
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Manager, requests: RequestLog) -> None:
         self.manager = manager
+        self.requests = requests
 
     def _model(self, request: Request) -> str:
         name = request.path_params["name"]
@@ -156,6 +159,37 @@ class ManagementApi:
         path = write_bench(self.manager.config.server.state_dir, name, result)
         return JSONResponse({"model": name, "path": str(path)})
 
+    async def recent_requests(self, request: Request) -> Response:
+        """The request log, newest first; `?limit=N` the newest N. With `?follow=1`, NDJSON instead:
+        the newest `limit` records (all kept, without a limit) oldest first, then each new one as
+        its request finishes."""
+        try:
+            limit = int(request.query_params["limit"]) if "limit" in request.query_params else None
+        except ValueError:
+            return _error(400, "limit must be a whole number")
+        if limit is not None and limit < 0:
+            return _error(400, f"limit must be 0 or more (how many of the newest requests to send), not {limit}")
+        log = self.requests
+        if request.query_params.get("follow") not in ("1", "true", "yes"):
+            return JSONResponse({
+                "requests": [record.to_json() for record in log.newest(limit)],
+                "kept": log.size,
+                "bodies": log.keep_bodies,
+            })
+
+        async def stream() -> AsyncIterator[bytes]:
+            backlog = log.newest(limit)
+            last = backlog[0].id if backlog else log.last_id()
+            for record in reversed(backlog):
+                yield _ndjson(record.to_json())
+            while True:
+                await anyio.sleep(FOLLOW_POLL_SECONDS)
+                for record in log.after(last):
+                    last = record.id
+                    yield _ndjson(record.to_json())
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
     async def gpus(self, request: Request) -> Response:
         return JSONResponse(self.manager.gpu_report())
 
@@ -212,13 +246,16 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
 
 
-def build_api_app(manager: Manager) -> Starlette:
+def build_api_app(manager: Manager, requests: RequestLog | None = None, playground: ASGIApp | None = None) -> Starlette:
+    """The management API; `requests` is the proxy's request log (none kept without one), and
+    `playground` the proxy app the dashboard's playground talks to (no playground without one)."""
     from starlette.middleware import Middleware
 
     from llmd.daemon.web.dashboard import dashboard_routes
     from llmd.daemon.web.dashboard_auth import RefuseCrossSite
 
-    api = ManagementApi(manager)
+    requests = requests if requests is not None else RequestLog(0)
+    api = ManagementApi(manager, requests)
     routes = [
         Route("/v1/ps", api.ps, methods=["GET"]),
         Route("/v1/profiles", api.profiles, methods=["GET"]),
@@ -231,10 +268,11 @@ def build_api_app(manager: Manager) -> Starlette:
         Route("/v1/unload", api.unload_all, methods=["POST"]),
         Route("/v1/models/{name}/bench", api.store_bench, methods=["POST"]),
         Route("/v1/reload", api.reload, methods=["POST"]),
+        Route("/v1/requests", api.recent_requests, methods=["GET"]),
         *manager.metrics.routes(),
     ]
     if manager.config.dashboard.enabled:
-        routes += dashboard_routes(manager)
+        routes += dashboard_routes(manager, requests, playground)
     handlers = {UnknownModelError: _unknown_model, HTTPException: _http_error}
     # Browsers may reach this API (the dashboard): a POST forged by another site's page is refused.
     return Starlette(routes=routes, exception_handlers=handlers, middleware=[Middleware(RefuseCrossSite)])

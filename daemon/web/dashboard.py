@@ -4,8 +4,10 @@ It shows the GPUs (memory bars with a segment per model), the profiles with thei
 last bench result, and a model's live log; its buttons call the management routes themselves
 (`POST /v1/models/NAME/load`, `.../unload`, `GET .../logs?follow=1`). The page's script only
 swaps in `/dashboard/status`, the same HTML fragment re-rendered, so all rendering lives in
-the templates. Who may see it is decided by the listener: the unix socket's permissions, or the
-management token (dashboard_auth.py) on TCP.
+the templates. Two more pages share its header: the playground (`/dashboard/playground`, see
+playground.py), and the request log (`/dashboard/requests`, rows swapped in from
+`/dashboard/requests/rows` the same way). Who may see them is decided by the listener: the unix
+socket's permissions, or the management token (dashboard_auth.py) on TCP.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from llmd.daemon.diagnostics.bench_store import HeadlineCache
 from llmd.daemon.web.dashboard_auth import DASHBOARD_PATH, LOGIN_PATH, TOKEN_CHECK, TokenCheck, login_cookie, logout_cookie
+from llmd.daemon.http.request_log import RequestLog
 from llmd.daemon.manager.core import Manager
 from llmd.daemon.placement.telemetry import has_readings, telemetry_text
+from llmd.daemon.util.request_cells import COLUMNS, full_time, request_cells
 from llmd.daemon.util.units import format_mib
+from llmd.daemon.web.playground import PlaygroundChat
 
 FILES = Path(__file__).parent / "dashboard_files"
 # A pasted token is at most a few hundred bytes; anything longer is not a login.
@@ -32,7 +38,10 @@ TOKEN_SETTING = "[server] management_token"
 # Every file the page loads; nothing else under dashboard_files/ is served.
 _STATIC = {
     "dashboard.css": "text/css; charset=utf-8",
+    "common.js": "text/javascript; charset=utf-8",
     "dashboard.js": "text/javascript; charset=utf-8",
+    "playground.js": "text/javascript; charset=utf-8",
+    "requests.js": "text/javascript; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }
 # The page runs only its own script and stylesheet, talks only to this server and cannot be
@@ -113,14 +122,32 @@ def profile_views(manager: Manager, headlines: HeadlineCache) -> list[dict[str, 
     return sorted(rows, key=lambda row: row["name"])
 
 
+def request_views(requests: RequestLog) -> list[dict[str, Any]]:
+    """The request log, newest first, as the requests page's rows."""
+    rows = []
+    for record in requests.newest():
+        fields = record.to_json()
+        rows.append({
+            "id": record.id,
+            "status": record.status,
+            "cells": request_cells(fields),
+            "full_time": full_time(fields),
+            "request_body": record.request_body,
+            "response_body": record.response_body,
+        })
+    return rows
+
+
 def _html(template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     body = _templates.get_template(template).render(**context)
     return HTMLResponse(body, status_code=status_code, headers=_HEADERS)
 
 
 class Dashboard:
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Manager, requests: RequestLog, playground: bool) -> None:
         self.manager = manager
+        self.requests = requests
+        self.playground = playground  # whether the playground page is served
         # The page polls its status every 1.5 s: read each bench result again only once it changed.
         self.headlines = HeadlineCache()
 
@@ -129,8 +156,25 @@ class Dashboard:
         return {"gpus": gpu_views(report), "note": report["note"], "profiles": profile_views(self.manager, self.headlines)}
 
     async def page(self, request: Request) -> Response:
+        return _html("dashboard.html", **self._page_context(request, "status"), **self._status_context())
+
+    def _page_context(self, request: Request, page: str) -> dict[str, Any]:
+        """What every page's header needs: which page it is, and what it may link to."""
         signed_in = TOKEN_CHECK in request.scope  # a login cookie, which "log out" can end
-        return _html("dashboard.html", signed_in=signed_in, **self._status_context())
+        return {"page": page, "signed_in": signed_in, "playground": self.playground}
+
+    async def playground_page(self, request: Request) -> Response:
+        models = [row for row in profile_views(self.manager, self.headlines) if row["invalid"] is None]
+        return _html("playground.html", models=models, **self._page_context(request, "playground"))
+
+    async def requests_page(self, request: Request) -> Response:
+        return _html(
+            "requests.html", kept=self.requests.size, bodies=self.requests.keep_bodies, columns=COLUMNS,
+            rows=request_views(self.requests), **self._page_context(request, "requests"),
+        )
+
+    async def request_rows(self, request: Request) -> Response:
+        return _html("request_rows.html", columns=COLUMNS, rows=request_views(self.requests))
 
     async def status(self, request: Request) -> Response:
         return _html("status.html", **self._status_context())
@@ -187,14 +231,23 @@ async def _pasted_token(request: Request) -> tuple[str | None, str | None]:
     return token, None
 
 
-def dashboard_routes(manager: Manager) -> list[Route]:
-    """The dashboard's routes, to be mounted on the management API."""
-    dashboard = Dashboard(manager)
-    return [
+def dashboard_routes(manager: Manager, requests: RequestLog, playground: ASGIApp | None = None) -> list[Route]:
+    """The dashboard's routes, to be mounted on the management API; the playground's only with
+    `playground`, the proxy app its chats go to."""
+    dashboard = Dashboard(manager, requests, playground is not None)
+    routes = [
         Route(DASHBOARD_PATH, dashboard.page, methods=["GET"]),
         Route(DASHBOARD_PATH + "/status", dashboard.status, methods=["GET"]),
         Route(LOGIN_PATH, dashboard.login_form, methods=["GET"]),
         Route(LOGIN_PATH, dashboard.login, methods=["POST"]),
         Route(DASHBOARD_PATH + "/logout", dashboard.logout, methods=["POST"]),
         Route(DASHBOARD_PATH + "/static/{file}", dashboard.static, methods=["GET"]),
+        Route(DASHBOARD_PATH + "/requests", dashboard.requests_page, methods=["GET"]),
+        Route(DASHBOARD_PATH + "/requests/rows", dashboard.request_rows, methods=["GET"]),
     ]
+    if playground is not None:
+        routes += [
+            Route(DASHBOARD_PATH + "/playground", dashboard.playground_page, methods=["GET"]),
+            Route(DASHBOARD_PATH + "/playground/chat", PlaygroundChat(playground), methods=["POST"]),
+        ]
+    return routes

@@ -1,5 +1,6 @@
 // The dashboard's behaviour: refresh the status fragment, drive load/unload through the
-// management API, and follow a model's log. All rendering happens on the server.
+// management API, and follow a model's log. All rendering happens on the server. common.js,
+// loaded first, has the login check, error messages and line reading.
 "use strict";
 
 const POLL_MS = 1500;
@@ -23,24 +24,6 @@ function modelUrl(model, action) {
   return "/v1/models/" + encodeURIComponent(model) + "/" + action;
 }
 
-// A refused login (token changed, or logged out elsewhere) sends the browser to the login page.
-function checkSignedIn(response) {
-  if (response.status === 401) {
-    window.location.assign("/dashboard/login?expired=1");
-    throw new Error("not signed in");
-  }
-  return response;
-}
-
-async function errorOf(response) {
-  try {
-    const body = await response.json();
-    return body.error || response.statusText;
-  } catch {
-    return response.status + " " + response.statusText;
-  }
-}
-
 async function refresh() {
   let response;
   try {
@@ -62,22 +45,6 @@ async function refresh() {
   for (const details of statusBox.querySelectorAll("details")) {
     details.open = open.has(details.dataset.key);
   }
-}
-
-// Calls `onLine` with each complete line of a streamed response body as it arrives.
-async function readLines(response, onLine) {
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let pending = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    pending += decoder.decode(value, { stream: true });
-    const lines = pending.split("\n");
-    pending = lines.pop();
-    lines.forEach(onLine);
-  }
-  if (pending) onLine(pending);
 }
 
 async function load(model) {
