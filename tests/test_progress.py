@@ -10,7 +10,8 @@ import pytest
 
 from llmd.daemon.cli.output import Progress
 from llmd.daemon.config import DaemonConfig
-from llmd.daemon.manager.core import Instance, Manager, State
+from llmd.daemon.manager.core import Manager
+from llmd.daemon.manager.state import Instance, State
 from llmd.daemon.models.profiles import Profile, ProfileSet
 
 

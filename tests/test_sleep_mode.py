@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from conftest import engine_processes, tiny_profile, wait_until
-from llmd.daemon.manager.core import PARKED_DEFAULT_MIB
+from llmd.daemon.manager.state import PARKED_DEFAULT_MIB
 from llmd.daemon.util.units import format_mib
 
 FAKE_VLLM = Path(__file__).with_name("fake_vllm.py")
@@ -160,7 +160,7 @@ def test_an_engine_that_will_not_wake_is_started_afresh(daemon) -> None:  # type
 
 
 def _ready_instance(host_ram_mib: int, gpus: tuple[int, ...] = (0,)):  # type: ignore[no-untyped-def]
-    from llmd.daemon.manager.core import Instance, State
+    from llmd.daemon.manager.state import Instance, State
     from llmd.daemon.models.profiles import Profile
     from llmd.drivers.base import GpuShare, LaunchSpec, Placement, SleepControl
 
@@ -174,25 +174,27 @@ def _ready_instance(host_ram_mib: int, gpus: tuple[int, ...] = (0,)):  # type: i
 
 def test_parking_needs_a_sleep_capable_gpu_engine_and_host_ram_for_its_weights(tmp_path: Path) -> None:
     from llmd.daemon.config import DaemonConfig
-    from llmd.daemon.manager.core import HOST_RAM_MARGIN_MIB, Manager, State
+    from llmd.daemon.manager.core import Manager
+    from llmd.daemon.manager.parking import HOST_RAM_MARGIN_MIB
+    from llmd.daemon.manager.state import State
     from llmd.drivers.base import LaunchSpec
 
     config = DaemonConfig.model_validate({"server": {"state_dir": str(tmp_path)}})
     manager = Manager(config, {}, None)  # type: ignore[arg-type]
     available = psutil.virtual_memory().available // (1024 * 1024)
-    assert manager._can_park(_ready_instance(host_ram_mib=64))
+    assert manager.parking.can_park(_ready_instance(host_ram_mib=64))
     # Not when the weights would not fit in host RAM beside the margin kept free.
-    assert not manager._can_park(_ready_instance(host_ram_mib=available))
-    assert not manager._can_park(_ready_instance(host_ram_mib=available - HOST_RAM_MARGIN_MIB + 1024))
+    assert not manager.parking.can_park(_ready_instance(host_ram_mib=available))
+    assert not manager.parking.can_park(_ready_instance(host_ram_mib=available - HOST_RAM_MARGIN_MIB + 1024))
     # Not on the CPU (vLLM has no sleep mode there), nor an engine started without sleep mode.
-    assert not manager._can_park(_ready_instance(host_ram_mib=64, gpus=()))
+    assert not manager.parking.can_park(_ready_instance(host_ram_mib=64, gpus=()))
     plain = _ready_instance(host_ram_mib=64)
     plain.spec = LaunchSpec(argv=["vllm"], env={})
-    assert not manager._can_park(plain)
+    assert not manager.parking.can_park(plain)
     # Only a ready model is parked: a starting one holds its claim.
     starting = _ready_instance(host_ram_mib=64)
     starting.state = State.STARTING
-    assert not manager._can_park(starting)
+    assert not manager.parking.can_park(starting)
     # The scheduler is told what a parked engine keeps: a CUDA context's worth per card.
     running = _ready_instance(host_ram_mib=64, gpus=(0, 1)).as_running(parkable=True)
     assert running.parked_gpus == {0: PARKED_DEFAULT_MIB, 1: PARKED_DEFAULT_MIB}
@@ -204,7 +206,7 @@ def test_models_parked_by_one_plan_share_one_host_ram_budget(tmp_path: Path) -> 
     from llmd.daemon.manager.core import Manager
 
     manager = Manager(DaemonConfig.model_validate({"server": {"state_dir": str(tmp_path)}}), {}, None)  # type: ignore[arg-type]
-    budget = manager._parking_budget_mib()
+    budget = manager.parking.budget_mib()
     for name in ("a", "b", "c"):
         inst = _ready_instance(host_ram_mib=max(1, budget * 6 // 10))  # each fits alone; two do not
         inst.profile.name = name
@@ -212,6 +214,6 @@ def test_models_parked_by_one_plan_share_one_host_ram_budget(tmp_path: Path) -> 
     unknown = _ready_instance(host_ram_mib=0)  # weights of unknown size: never parked
     unknown.profile.name = "unknown"
     manager.instances["unknown"] = unknown
-    running = {model.name: model for model in manager._running_except(manager.instances["c"])}
+    running = {model.name: model for model in manager.loader.running_except(manager.instances["c"])}
     assert [name for name, model in running.items() if model.parked_gpus is not None] == ["a"]
     assert running["b"].parked_gpus is None and running["unknown"].parked_gpus is None

@@ -1,0 +1,325 @@
+"""The load path: plan where a model goes, make room for it, fetch it, start its engine and
+wait until it is ready; after an out-of-memory start, plan again with less context.
+
+A placement is claimed on the instance before any await, and every victim changes state
+before the first await, so concurrent loads never plan into the same memory and no request
+is routed to an engine being evicted."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace as dc_replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from llmd.drivers.base import LaunchRequest
+
+from llmd.daemon.engines.commands import resolve_command
+from llmd.daemon.engines.supervisor import EngineProcess, free_port, process_tree, spawn_engine
+from llmd.daemon.errors import EngineStartError, LlmdError, NoRoomError
+from llmd.daemon.http.upstream import Pool
+from llmd.daemon.manager.state import ENGINE_HOST, Instance, Load, State, close_client, engine_log_path, looks_like_oom
+from llmd.daemon.models.downloads import resolve_cached
+from llmd.daemon.models.profiles import Profile
+from llmd.daemon.models.pull import fetch_model
+from llmd.daemon.placement.estimate import launch_estimator
+from llmd.daemon.placement.scheduler import Plan, RunningModel
+
+if TYPE_CHECKING:
+    from llmd.daemon.manager.core import Manager
+
+log = logging.getLogger(__name__)
+
+RELEASE_POLL_SECONDS = 0.05
+# Out of memory at load: halve the context and try again, down to this.
+MIN_CTX = 256
+
+
+def _engine_client(base_url: str) -> Pool:
+    # The proxy's hop to the engine, on the hot path: upstream.Pool rather than httpx (see
+    # docs/benchmarks.md). Generation may take minutes: it has no read timeout.
+    host, _, port = base_url.removeprefix("http://").rpartition(":")
+    return Pool(host, int(port))
+
+
+class Loader:
+    """Starts engines for the manager; the instances it changes are the manager's."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+
+    def begin_load(self, inst: Instance, delay: float = 0.0) -> None:
+        """Mark the model as starting, synchronously, and start its load in the background."""
+        task_group = self.manager.task_group
+        inst.state = State.STARTING
+        inst.progress = f"retrying in {delay:.0f}s (attempt {inst.failures + 1})" if delay else "planning"
+        inst.load = Load()
+        inst.stopped = anyio.Event()
+        task_group.start_soon(self.load, inst, inst.load, delay)
+
+    async def load(self, inst: Instance, load: Load, delay: float = 0.0) -> None:
+        """Run one load to its end, whatever ends it: ready, failed, unloaded, or daemon shutdown."""
+        manager = self.manager
+        started: list[EngineProcess] = []
+        try:
+            with load.scope:
+                await anyio.sleep(delay)
+                await self._start_with_oom_replan(inst, started)
+        except NoRoomError as exc:  # not the engine's fault: back to stopped, not failed
+            load.error = exc
+            await self.abandon(inst, load, started, State.STOPPED, None)
+            return
+        except LlmdError as exc:
+            load.error = exc
+        except Exception as exc:  # a driver bug must fail this load, not the daemon
+            log.exception("loading %s failed", inst.name)
+            load.error = EngineStartError(f"loading {inst.name!r} failed: {exc!r}")
+        except BaseException:  # the daemon is shutting down: clean up, then let it go on
+            with anyio.CancelScope(shield=True):
+                await self.abandon(inst, load, started, State.STOPPED, "llmd is shutting down")
+            raise
+        if load.scope.cancelled_caught:
+            await self.abandon(inst, load, started, State.STOPPED, "it was unloaded while starting")
+        elif load.error is not None:
+            inst.failures += 1
+            await self.abandon(inst, load, started, State.FAILED, None)
+        else:
+            engine = started[-1]
+            inst.state = State.READY
+            inst.last_used = time.monotonic()
+            inst.load_seconds = inst.last_used - load.started
+            inst.progress = ""
+            inst.client = _engine_client(inst.base_url)
+            log.info("%s ready in %.2fs", inst.name, inst.load_seconds)
+            manager.metrics.load_finished(inst.name, inst.load_seconds, ok=True)
+            self._learn_usage(inst, engine)
+            manager.task_group.start_soon(manager.supervision.watch, inst, engine)
+            load.done.set()
+
+    async def _start_with_oom_replan(self, inst: Instance, started: list[EngineProcess]) -> None:
+        """Start the engine; if it ran out of memory, halve the context and plan again
+        instead of retrying the same thing."""
+        while True:
+            try:
+                await self._start_engine(inst, started)
+                return
+            except EngineStartError as exc:
+                ctx = inst.placement.ctx if inst.placement is not None else inst.profile.launch.ctx
+                if not looks_like_oom(exc) or ctx // 2 < MIN_CTX:
+                    raise
+                with anyio.CancelScope(shield=True):
+                    for engine in started:
+                        await engine.stop(self.manager.config.server.stop_grace)
+                started.clear()
+                self.manager.clear_claim(inst)
+                inst.ctx_override = ctx // 2
+                log.warning("%s ran out of memory with ctx %d; planning again with ctx %d", inst.name, ctx, ctx // 2)
+
+    @staticmethod
+    def _effective_profile(inst: Instance) -> Profile:
+        """The profile as loads use it: with the context lowered after an out-of-memory load."""
+        profile = inst.profile
+        if inst.ctx_override is None or inst.ctx_override >= profile.launch.ctx:
+            return profile
+        launch = profile.launch.model_copy(update={"ctx": inst.ctx_override})
+        lowered = profile.model_copy(update={"launch": launch})
+        lowered.name = profile.name
+        return lowered
+
+    async def _start_engine(self, inst: Instance, started: list[EngineProcess]) -> None:
+        """Place, evict, spawn and wait for readiness; the spawned engine is appended to `started` at once."""
+        manager = self.manager
+        profile = self._effective_profile(inst)
+        driver = manager.drivers[profile.engine]
+        model_path = await self.fetch(inst, profile)
+        command = resolve_command(manager.config, driver)
+        await self._reserve_placement(inst, profile, model_path)
+        placement = inst.placement
+        assert placement is not None
+        if profile is not inst.profile:
+            placement = dc_replace(placement, reason=f"{placement.reason}; ctx lowered to {profile.launch.ctx} after running out of memory")
+            inst.placement = placement
+        port = free_port(ENGINE_HOST, self._ports_in_use())
+        request = LaunchRequest(
+            profile=profile,
+            placement=placement,
+            model_path=model_path,
+            host=ENGINE_HOST,
+            port=port,
+            command=command,
+            env=dict(manager.config.engine(driver.name).env),
+            # The estimate just planned with, from the planner's cache.
+            estimator=launch_estimator(profile, model_path, manager.planner.estimate),
+        )
+        spec = driver.launch(request)
+        engine = spawn_engine(profile.name, spec, port, engine_log_path(manager.config, profile.name), str(manager.config.server.state_dir))
+        started.append(engine)
+        manager.ledger.add(engine)
+        inst.engine, inst.spec = engine, spec
+        manager.planner.claim(profile.name, engine.pid, placement.per_card())
+        inst.progress = f"waiting for {profile.engine} (pid {engine.pid}) to load the model"
+        log.info("starting %s: pid %d port %d, %s", profile.name, engine.pid, port, placement.reason or "placed")
+        await engine.wait_ready(spec, manager.config.server.ready_timeout)
+
+    async def _reserve_placement(self, inst: Instance, profile: Profile, model_path: Path) -> None:
+        """Find room for `inst`, waiting up to queue_timeout for busy models to finish, and
+        evicting idle ones the plan names. The placement is claimed (set on the instance)
+        before any await, so concurrent loads never plan into the same memory."""
+        manager = self.manager
+        deadline = time.monotonic() + manager.config.server.queue_timeout
+        while True:
+            running = self.running_except(inst)
+            result, _ = manager.planner.place(profile, model_path, running)
+            if isinstance(result, Plan):
+                inst.placement = result.placement
+                await self.make_room(inst, result, running)
+                return
+            if not self._room_may_appear(inst):
+                raise LlmdError(f"{inst.name!r} cannot be placed: {result.reason}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoRoomError(
+                    f"no room for {inst.name!r} after waiting {manager.config.server.queue_timeout:.0f}s "
+                    f"for busy models: {result.reason}",
+                    retry_after=10,
+                )
+            inst.progress = f"waiting for room: {result.reason}"
+            with anyio.move_on_after(remaining):
+                await manager.wait_changed()
+
+    def running_except(self, inst: Instance) -> list[RunningModel]:
+        """Every other model holding memory, as the scheduler sees it; those that eviction
+        would park rather than stop are marked so, within one host RAM budget."""
+        parking = self.manager.parking
+        running = []
+        budget: int | None = None  # host RAM for parking, read once and only if some model can park
+        for other in self.manager.instances.values():
+            if other is inst or other.placement is None:
+                continue
+            parkable = False
+            need = parking.ram_needed(other)
+            if need:
+                budget = parking.budget_mib() if budget is None else budget
+                # One budget for all: a plan that evicts several never parks more than RAM holds.
+                parkable = parking.can_park(other, budget)
+                if parkable:
+                    budget -= need
+            running.append(other.as_running(parkable=parkable))
+        return running
+
+    async def make_room(self, inst: Instance, result: Plan, running: list[RunningModel]) -> None:
+        """Evict what `result` names: park the victims the plan counted as parked, stop the rest.
+        Each victim changes state before the first await, so no request is routed to it."""
+        manager = self.manager
+        parks = {model.name for model in running if model.parked_gpus is not None}
+        to_park = [manager.instances[name] for name in result.evict if name in parks]
+        to_stop = [manager.instances[name] for name in result.evict if name not in parks]
+        for victim in to_park:
+            manager.parking.begin_park(victim)
+        for victim in to_stop:
+            manager.begin_stop(victim)
+        if not result.evict:
+            return
+        inst.progress = f"evicting {', '.join(result.evict)}"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.evict, to_stop)
+            for victim in to_park:
+                tg.start_soon(manager.parking.park, victim)
+
+    def _room_may_appear(self, inst: Instance) -> bool:
+        """Whether waiting can help: some other model is busy, starting or stopping now."""
+        return any(
+            not other.as_running().evictable and not other.profile.policy.pinned
+            for other in self.manager.instances.values()
+            if other is not inst and other.placement is not None
+        )
+
+    async def evict(self, victims: list[Instance]) -> None:
+        """Stop the victims (already marked stopping) together, then wait until the GPUs show
+        their memory released."""
+        if not victims:
+            return
+        manager = self.manager
+        started = time.monotonic()
+        pids: set[int] = set()
+        for victim in victims:
+            if victim.engine is not None:
+                pids |= process_tree(victim.engine.pid)
+        async with anyio.create_task_group() as tg:
+            for victim in victims:
+                tg.start_soon(manager.finish_stop, victim, "evicted to make room")
+        if not await self.wait_released(pids):
+            log.warning("GPU memory of evicted engines (pids %s) was not released after %.0fs",
+                        sorted(pids), manager.config.gpus.release_timeout)
+        manager.metrics.evicted([victim.name for victim in victims], time.monotonic() - started)
+
+    async def wait_released(self, pids: set[int]) -> bool:
+        """Wait until the GPUs show no memory held by `pids` (a driver may free it after the
+        process is gone); False if that took longer than `[gpus] release_timeout`."""
+        with anyio.move_on_after(self.manager.config.gpus.release_timeout):
+            while self.manager.planner.usage_of(pids):
+                await anyio.sleep(RELEASE_POLL_SECONDS)
+            return True
+        return False
+
+    def _learn_usage(self, inst: Instance, engine: EngineProcess) -> None:
+        placement = inst.placement
+        if placement is None or placement.cpu_only or placement.gpu_layers is not None or placement.cpu_moe_layers:
+            return  # only a whole-model placement gives a total worth reusing
+        try:
+            self.manager.planner.learn(inst.profile, self.local_model_path(inst.profile), process_tree(engine.pid))
+        except (LlmdError, OSError) as exc:
+            log.warning("could not measure %s's GPU memory: %s", inst.name, exc)
+
+    async def abandon(self, inst: Instance, load: Load, started: list[EngineProcess], state: State, why: str | None) -> None:
+        """End a load that did not make the model ready: stop what it started, give back its
+        claim, leave the instance in `state`, and wake everyone waiting on it with the error."""
+        manager = self.manager
+        if load.error is None:
+            load.error = EngineStartError(f"{inst.name!r} did not start: {why}")
+        log.warning("load of %s ended: %s", inst.name, load.error)
+        manager.metrics.load_finished(inst.name, time.monotonic() - load.started, ok=False)
+        await close_client(inst)  # set only when a parked engine failed to wake
+        with anyio.CancelScope(shield=True):
+            for engine in started:
+                await engine.stop(manager.config.server.stop_grace)
+        manager.clear(inst, state)
+        inst.error = str(load.error) if state is State.FAILED else None
+        load.done.set()
+
+    @staticmethod
+    def local_model_path(profile: Profile) -> Path:
+        """The model on disk now, without downloading: for plans and measurements."""
+        source = profile.model
+        if source.path is not None:
+            if not source.path.exists():
+                raise EngineStartError(
+                    f"model file {source.path} for {profile.name!r} does not exist; fix [model] path in its profile"
+                )
+            return source.path
+        cached = resolve_cached(source)
+        if cached is None:
+            raise EngineStartError(
+                f"{profile.name!r}: {source.hf_repo} is not downloaded yet; run `llmctl pull {profile.name}` "
+                "(a request for the model downloads it too)"
+            )
+        return cached
+
+    async def fetch(self, inst: Instance, profile: Profile, update: bool = False) -> Path:
+        """The model on disk, downloading it first if needed, with progress in `ps` and `llmctl load`."""
+        if profile.model.path is not None:
+            return self.local_model_path(profile)
+
+        def show(line: str) -> None:
+            inst.progress = f"downloading {line}"
+
+        try:
+            return await fetch_model(profile.model, show, update=update)
+        finally:
+            inst.progress = ""
+
+    def _ports_in_use(self) -> set[int]:
+        return {inst.engine.port for inst in self.manager.instances.values() if inst.engine is not None}

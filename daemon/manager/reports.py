@@ -1,0 +1,146 @@
+"""What the manager reports about its models and GPUs (`llmctl ps`, `plan`, `gpus`, load
+progress, the metrics and the dashboard). These functions only read the manager's state."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from llmd.drivers.base import load_progress
+
+from llmd.daemon.engines.supervisor import process_tree, tail_lines
+from llmd.daemon.manager.state import Instance, State, engine_log_path
+from llmd.daemon.placement.scheduler import NoFit
+
+if TYPE_CHECKING:
+    from llmd.daemon.manager.core import Manager
+
+# How much of the end of a loading engine's log is searched for its progress.
+PROGRESS_LOG_LINES = 5
+
+
+def status(manager: Manager) -> list[dict[str, Any]]:
+    """What `llmctl ps` shows: one entry per model that has run since startup."""
+    now = time.monotonic()
+    rows = []
+    for name, inst in sorted(manager.instances.items()):
+        engine = inst.engine
+        placement = inst.placement if engine is not None else None
+        rows.append(
+            {
+                "model": name,
+                "engine": inst.profile.engine,
+                "state": inst.state.value,
+                "pid": engine.pid if engine else None,
+                "port": engine.port if engine else None,
+                "uptime_s": round(now - engine.started_monotonic, 1) if engine else None,
+                "idle_s": _idle_seconds(inst, now),
+                "in_flight": inst.in_flight,
+                "argv": engine.argv if engine else None,
+                "gpus": [share.index for share in placement.gpus] if placement else [],
+                "vram_mib": sum(inst.claimed().values()) if placement else 0,
+                # Parked engines keep their weights in host RAM instead.
+                "host_ram_mib": inst.spec.sleep.host_ram_mib if inst.parked is not None and inst.spec and inst.spec.sleep else 0,
+                "sleep_mode": bool(inst.spec is not None and inst.spec.sleep is not None),
+                "gpu_layers": placement.gpu_layers if placement else None,
+                "cpu_moe_layers": placement.cpu_moe_layers if placement else 0,
+                "placement": placement.reason if placement else None,
+                "load_s": round(inst.load_seconds, 3) if inst.load_seconds is not None and engine else None,
+                "wake_s": round(inst.wake_seconds, 3) if inst.wake_seconds is not None and engine else None,
+                "progress": progress_of(manager, inst) or None,
+                "error": inst.error,
+                "log": str(engine_log_path(manager.config, name)),
+            }
+        )
+    return rows
+
+
+def _idle_seconds(inst: Instance, now: float) -> float | None:
+    if inst.state not in (State.READY, State.SLEEPING):
+        return None
+    return 0.0 if inst.in_flight else round(now - inst.last_used, 1)
+
+
+def progress_of(manager: Manager, inst: Instance, log_tail: list[str] | None = None) -> str:
+    """What the model is doing now; while its engine loads, what the engine's log says of it.
+
+    `log_tail`: the end of the engine's log when the caller has just read it, so that it is
+    not read again."""
+    if inst.state is State.STARTING and inst.engine is not None and inst.parked is None:
+        driver = manager.drivers.get(inst.profile.engine)
+        if driver is not None:
+            lines = log_tail if log_tail is not None else inst.engine.log_tail(PROGRESS_LOG_LINES)
+            for line in reversed(lines[-PROGRESS_LOG_LINES:]):
+                said = load_progress(driver, line)
+                if said:
+                    return f"{inst.progress}: {said}"
+    return inst.progress
+
+
+def load_report(manager: Manager, inst: Instance) -> tuple[str, str]:
+    """(what the model is doing, the last line of its engine's log) for a load's progress
+    events, from one read of the log."""
+    tail = inst.engine.log_tail(PROGRESS_LOG_LINES) if inst.engine is not None else []
+    return progress_of(manager, inst, tail), (tail[-1] if tail else "")
+
+
+def plan_preview(manager: Manager, name: str) -> dict[str, Any]:
+    """What loading `name` now would do, without doing it: for `llmctl plan`."""
+    inst = manager.instance(name)
+    loader = manager.loader
+    result, details = manager.planner.place(inst.profile, loader.local_model_path(inst.profile), loader.running_except(inst))
+    report: dict[str, Any] = {"model": inst.name, "state": inst.state.value, **details}
+    if isinstance(result, NoFit):
+        report.update({"fits": False, "reason": result.reason})
+        return report
+    placement = result.placement
+    report.update({
+        "fits": True,
+        "reason": result.reason,
+        "gpus": [{"index": s.index, "uuid": s.uuid, "vram_mib": s.vram_mib} for s in placement.gpus],
+        "gpu_layers": placement.gpu_layers,
+        "cpu_moe_layers": placement.cpu_moe_layers,
+        "ctx": placement.ctx,
+        "evict": list(result.evict),
+    })
+    return report
+
+
+def gpu_report(manager: Manager) -> dict[str, Any]:
+    """Each card with its memory, which of llmd's models claims how much of it, and its
+    telemetry (temperature, power, ...: None where the card gives no reading)."""
+    planner = manager.planner
+    cards = []
+    claims: dict[int, list[dict[str, Any]]] = {}
+    ours: set[int] = set()
+    for inst in manager.instances.values():
+        if inst.placement is None:
+            continue
+        for index, mib in inst.claimed().items():
+            claims.setdefault(index, []).append({"model": inst.name, "vram_mib": mib, "state": inst.state.value})
+        if inst.engine is not None:
+            ours |= process_tree(inst.engine.pid)
+    for gpu in planner.snapshot(telemetry=True):
+        foreign = sum(p.used_mib for p in gpu.processes if p.pid not in ours)
+        cards.append({
+            "index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
+            "total_mib": gpu.total_mib, "free_mib": gpu.free_mib, "used_mib": gpu.used_mib,
+            "models": sorted(claims.get(gpu.index, []), key=lambda c: c["model"]),
+            "foreign_mib": 0 if planner.simulated else foreign,
+            **gpu.telemetry.as_dict(),
+        })
+    return {"note": planner.inventory.note, "gpus": cards}
+
+
+def model_cards(manager: Manager, name: str) -> list[int]:
+    """The cards (by index) the model `name` is placed on now; none when it is not placed.
+    Called for every reply that generated tokens (the metrics' energy per token): no I/O."""
+    inst = manager.instances.get(name)
+    if inst is None or inst.placement is None:
+        return []
+    return [share.index for share in inst.placement.gpus]
+
+
+def log_tail(manager: Manager, name: str, lines: int) -> list[str]:
+    """The last `lines` lines of the engine log of the model `name` (or an alias of it)."""
+    return tail_lines(engine_log_path(manager.config, manager.resolve(name).name), lines)
