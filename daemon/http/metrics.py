@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmd.daemon.http.client_link import BODY_TAP_KEY, client_link
 from llmd.daemon.http.gpu_energy import CardsOf, GpuEnergy
+from llmd.daemon.http.ollama_errors import NDJSON, OLLAMA_ROUTES
 from llmd.daemon.http.openai_errors import CLIENT_GONE, MODEL_ROUTES, MODELS_LIST_ROUTE
 from llmd.daemon.http.request_log import BodyCapture, RequestLog, RequestRecord, api_of, logged_path
 from llmd.daemon.http.upstream import find_header
@@ -54,7 +55,11 @@ METRICS_PATH = "/metrics"
 NO_MODEL = ""
 # Paths counted under their own name; anything else is "other", so that clients probing
 # random paths cannot create unbounded label values.
-_ENDPOINTS = frozenset({*MODEL_ROUTES, MODELS_LIST_ROUTE})
+_ENDPOINTS = frozenset({*MODEL_ROUTES, MODELS_LIST_ROUTE, *OLLAMA_ROUTES})
+# The label of requests to a path no API of llmd's serves.
+NO_API = "other"
+# Replies that stream: server-sent events (OpenAI's API), or a JSON object a line (Ollama's).
+_STREAM_TYPES = (b"text/event-stream", NDJSON.encode())
 # Set by the proxy on the ASGI scope (through `name_model`) once a request's model is resolved
 # to a profile.
 MODEL_SCOPE_KEY = "llmd.model"
@@ -64,6 +69,9 @@ ASKED_MODEL_KEY = "llmd.model_asked"
 # Where the request's `_Exchange` hears of it at once, so in-flight counts move to the model
 # before a cold load, not after it.
 _MODEL_NAMED_KEY = "llmd.model_named"
+# Where a route that translates the engine's reply into another API's shape hands the engine's
+# own `timings` and `usage` (see `engine_figures`): its reply no longer shows them.
+_FIGURES_KEY = "llmd.engine_figures"
 MIB = 1024 * 1024
 # Model states as the manager names them; each model gets a 0/1 series for every one (and for
 # any other state a model is seen in), so dashboards find every series even when it is 0.
@@ -109,6 +117,10 @@ class Metrics:
         self.errors = Counter(
             "llmd_request_errors", "Requests that failed: 4xx/5xx replies, broken streams, clients gone",
             ["model", "endpoint", "reason"], registry=r,
+        )
+        self.api_requests = Counter(
+            "llmd_api_requests", "Requests by the API they used (openai, ollama, ...), by the HTTP status sent",
+            ["api", "code"], registry=r,
         )
         self.in_flight = Gauge("llmd_requests_in_flight", "Requests being handled now", ["model"], registry=r)
         self.duration = Histogram(
@@ -389,6 +401,14 @@ def name_model(scope: Scope, model: str) -> None:
         learn()
 
 
+def engine_figures(scope: Scope, timings: dict[str, Any] | None, usage: dict[str, Any] | None) -> None:
+    """Count the engine's `timings` and `usage` for the request in `scope`: for routes whose
+    reply is the engine's translated into another API's shape, which the metrics cannot read."""
+    given = scope.get(_FIGURES_KEY)
+    if given is not None:
+        given(timings, usage)
+
+
 class _Exchange:
     """One request on its way through `RequestMetrics`: sees its ASGI messages, records it at the
     end in the metrics (when they are on) and in the request log (`requests`, when kept)."""
@@ -400,6 +420,7 @@ class _Exchange:
         "counting",
         "complete",
         "endpoint",
+        "figures",
         "first_byte",
         "last_body",
         "metrics",
@@ -433,8 +454,11 @@ class _Exchange:
         self.last_body = b""
         # Only successful replies are read for the engine's figures.
         self.report: _EngineReport | None = None
+        # The engine's figures as a translating route handed them (`engine_figures`).
+        self.figures: _EngineReport | None = None
         scope[BODY_TAP_KEY] = self.saw_body
         scope[_MODEL_NAMED_KEY] = self._learn_model
+        scope[_FIGURES_KEY] = self._take_figures
         if self.counting:
             metrics.child(metrics.in_flight, NO_MODEL).inc()
 
@@ -445,6 +469,11 @@ class _Exchange:
             if self.counting:
                 self.metrics.child(self.metrics.in_flight, NO_MODEL).dec()
                 self.metrics.child(self.metrics.in_flight, model).inc()
+
+    def _take_figures(self, timings: dict[str, Any] | None, usage: dict[str, Any] | None) -> None:
+        figures = self.figures = self.figures or _EngineReport()
+        figures.timings = timings if timings is not None else figures.timings
+        figures.usage = usage if usage is not None else figures.usage
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -482,7 +511,7 @@ class _Exchange:
         if 200 <= self.status < 300 and self.model is not None:
             self.report = _EngineReport()
             content_type = find_header(message.get("headers", []), b"content-type") or b""
-            self.stream = content_type.startswith(b"text/event-stream")
+            self.stream = content_type.startswith(_STREAM_TYPES)
 
     def finish(self) -> None:
         """Record the request; called once, however it ended."""
@@ -494,6 +523,8 @@ class _Exchange:
         end = time.perf_counter()
         code = self.status or (CLIENT_GONE if self.client_gone else 500)
         reason = self._failure(code)
+        if self.figures is not None and self.report is not None:
+            self.report = self.figures
         if self.counting:
             self._count(code, reason, end)
         if self.requests is not None:
@@ -504,6 +535,7 @@ class _Exchange:
         model = self.model if self.model is not None else NO_MODEL
         m.child(m.in_flight, model).dec()
         m.child(m.requests, model, self.endpoint, str(code)).inc()
+        m.child(m.api_requests, api_of(self.scope["path"]) or NO_API, str(code)).inc()
         m.child(m.duration, model, self.endpoint).observe(end - self.started)
         if reason is not None:
             m.child(m.errors, model, self.endpoint, reason).inc()

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from llmd.daemon.http.ollama_errors import OLLAMA_ROUTES
 from llmd.daemon.http.openai_errors import MODEL_ROUTES, MODELS_LIST_ROUTE
 
 # The request and reply bodies of a logged request are each cut to this many bytes: enough for
@@ -29,10 +30,11 @@ MAX_PATH_CHARS = 200
 # Which API each path the proxy serves belongs to; other paths are answered with a 404 and
 # belong to none.
 _APIS = {route: "openai" for route in (*MODEL_ROUTES, MODELS_LIST_ROUTE)}
+_APIS.update({route: "ollama" for route in OLLAMA_ROUTES})
 
 
 def api_of(path: str) -> str | None:
-    """The API a request's path belongs to ("openai"), or None for a path llmd does not serve."""
+    """The API a request's path belongs to ("openai", "ollama"), or None for a path llmd does not serve."""
     return _APIS.get(path)
 
 
