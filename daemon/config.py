@@ -1,56 +1,30 @@
 """The daemon's own settings, `llmd.toml`.
 
 Run as a service, the config names system paths. Run by a user with no config, every path
-defaults to that user's XDG directories, so llmd needs no root.
+defaults to that user's XDG directories (`config_paths`), so llmd needs no root.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+# The path defaults are re-exported: the daemon and its tests import them from here.
+from llmd.daemon.config_paths import (  # noqa: F401
+    CONFIG_ENV,
+    ENGINES_DIR_ENV,
+    SOCKET_ENV,
+    config_path_from_env,
+    default_config_dir,
+    default_engines_dir,
+    default_socket,
+    default_state_dir,
+    runtime_dir,
+)
 from llmd.daemon.util.validation import read_toml, validate_file_data
-
-CONFIG_ENV = "LLMD_CONFIG"
-SOCKET_ENV = "LLMD_SOCKET"
-ENGINES_DIR_ENV = "LLMD_ENGINES_DIR"
-
-
-def _xdg(var: str, fallback: str) -> Path:
-    value = os.environ.get(var)
-    return Path(value) if value else Path.home() / fallback
-
-
-def runtime_dir() -> Path:
-    """Where the management socket lives by default: $XDG_RUNTIME_DIR/llmd, else a private /tmp dir."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(base) / "llmd" if base else Path(f"/tmp/llmd-{os.getuid()}")
-
-
-def default_state_dir() -> Path:
-    return _xdg("XDG_STATE_HOME", ".local/state") / "llmd"
-
-
-def default_config_dir() -> Path:
-    return _xdg("XDG_CONFIG_HOME", ".config") / "llmd"
-
-
-def default_engines_dir() -> Path:
-    """Built engines live outside any checkout or venv, keyed by version, and outlive upgrades of llmd."""
-    override = os.environ.get(ENGINES_DIR_ENV)
-    if override:
-        return Path(override)
-    return _xdg("XDG_DATA_HOME", ".local/share") / "llmd" / "engines"
-
-
-def default_socket() -> Path:
-    override = os.environ.get(SOCKET_ENV)
-    return Path(override) if override else runtime_dir() / "llmd.sock"
-
 
 _Strict = ConfigDict(extra="forbid")
 PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
@@ -118,6 +92,9 @@ class ServerConfig(BaseModel):
     request_log: Annotated[int, Field(ge=0, le=100_000)] = 200
     # Whether the request log also keeps each request's and reply's body (the first 32 KiB of each).
     log_bodies: bool = False
+    # Disk that saved prompt caches (profiles with `[policy] persist_kv`) may take in all, under
+    # state_dir/kv; past it, the least recently used saves are deleted first.
+    kv_max_gib: Annotated[float, Field(ge=0, le=1_048_576)] = 16.0
 
     @model_validator(mode="before")
     @classmethod
@@ -230,17 +207,6 @@ class DaemonConfig(BaseModel):
     @property
     def logs_dir(self) -> Path:
         return self.server.state_dir / "logs"
-
-
-def config_path_from_env(explicit: Path | None) -> Path | None:
-    """The config to read: --config, else $LLMD_CONFIG, else the user's config if it exists."""
-    if explicit is not None:
-        return explicit
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        return Path(env)
-    candidate = default_config_dir() / "llmd.toml"
-    return candidate if candidate.exists() else None
 
 
 def load_config(path: Path | None) -> DaemonConfig:
