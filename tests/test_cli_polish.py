@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import BIN, tiny_profile, write_client_config
 
@@ -219,15 +218,16 @@ def test_exit_0_and_1_against_a_running_daemon(make_daemon, tiny_gguf: Path) -> 
     assert daemon.llmctl("unload", "tiny", check=False).returncode == 0
 
 
-def test_a_socket_llmctl_may_not_open_says_to_join_its_group(tmp_path: Path) -> None:
+def test_a_socket_llmctl_may_not_open_says_to_join_its_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from llmd.daemon.cli.client import Daemon, DaemonUnreachable
+    from llmd.daemon.cli.unix_http import UnixConnection
 
-    def refuse(request: httpx.Request) -> httpx.Response:
-        # What httpx raises for a unix socket whose mode shuts this user out.
-        raise httpx.ConnectError("[Errno 13] Permission denied") from PermissionError(13, "Permission denied")
+    def refuse(self: UnixConnection) -> None:
+        # What connecting raises for a unix socket whose mode shuts this user out (root is never refused).
+        raise PermissionError(13, "Permission denied")
 
+    monkeypatch.setattr(UnixConnection, "connect", refuse)
     daemon = Daemon(tmp_path / "llmd.sock")
-    daemon.client = httpx.Client(transport=httpx.MockTransport(refuse), base_url="http://llmd")
     with pytest.raises(DaemonUnreachable, match="permission denied on .*join the socket's group"):
         daemon.query("GET", "/v1/ps")
 

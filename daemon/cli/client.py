@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-import httpx
 
-from llmd.daemon.config import DaemonConfig, config_path_from_env, default_socket, load_config
+from llmd.daemon.config_paths import config_path_from_env, default_socket
 from llmd.daemon.errors import LlmdError
-from llmd.daemon.http.openai_errors import error_message
+
+if TYPE_CHECKING:
+    from llmd.daemon.cli.unix_http import Response
+    from llmd.daemon.config import DaemonConfig
+
+# Everything beyond these imports waits until a command needs it: `llmctl --help`, completion
+# and `llmctl ps` start in well under a quarter second (docs/cli.md, "Startup time").
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -38,22 +43,31 @@ class DaemonUnreachable(Exception):
 
 
 class Daemon:
-    """A small client for the management API. `timeout` bounds connecting (and, if set, reading)."""
+    """A small client for the management API. `timeout` bounds connecting (and, if set, reading).
 
-    def __init__(self, socket_path: Path, timeout: float | None = None) -> None:
+    `on_unreachable` runs before an unreachable daemon ends llmctl with exit code 3: llmctl
+    found the socket without validating all of llmd.toml, and a broken config is the likelier
+    story then (it may be why the daemon is not running), so it gets to say so first.
+    """
+
+    def __init__(self, socket_path: Path, timeout: float | None = None,
+                 on_unreachable: Callable[[], None] | None = None) -> None:
+        from llmd.daemon.cli.unix_http import UnixClient
+
         self.socket_path = socket_path
+        self.on_unreachable = on_unreachable
         # Loads and log follows stream for as long as they take: no read timeout by default.
-        limit = httpx.Timeout(30.0, read=None) if timeout is None else httpx.Timeout(timeout)
-        self.client = httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://llmd", timeout=limit
-        )
+        self.client = UnixClient(str(socket_path), connect_timeout=30.0 if timeout is None else timeout,
+                                 read_timeout=timeout)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
+        from llmd.daemon.cli.unix_http import ConnectFailed, ConnectionLost
+
         try:
             yield
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            # httpx wraps the socket's OSError; the cause tells "not allowed" from "not running".
+        except ConnectFailed as exc:
+            # The cause is the socket's OSError; it tells "not allowed" from "not running".
             if isinstance(_root_cause(exc), PermissionError):
                 raise DaemonUnreachable(
                     f"permission denied on {self.socket_path}: join the socket's group (e.g. `llmd`)"
@@ -62,18 +76,20 @@ class Daemon:
                 f"cannot reach llmd on {self.socket_path}: is `llmd serve` running? "
                 "(set --socket or LLMD_SOCKET if it listens elsewhere)"
             ) from None
-        except httpx.TransportError as exc:
+        except ConnectionLost as exc:
             # The daemon went away mid-answer (stopped, crashed) or did not answer in time.
-            raise DaemonUnreachable(f"lost the connection to llmd on {self.socket_path} ({exc or type(exc).__name__})") from None
+            raise DaemonUnreachable(f"lost the connection to llmd on {self.socket_path} ({exc})") from None
 
     @contextlib.contextmanager
     def _exit_if_unreachable(self) -> Iterator[None]:
         try:
             yield
         except DaemonUnreachable as exc:
+            if self.on_unreachable is not None:
+                self.on_unreachable()
             fail(str(exc), EXIT_UNREACHABLE)
 
-    def query(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def query(self, method: str, path: str, **kwargs: Any) -> Response:
         """The answer whatever its status; raises DaemonUnreachable."""
         with self._errors():
             return self.client.request(method, path, **kwargs)
@@ -115,7 +131,9 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def error_text(response: httpx.Response) -> str:
+def error_text(response: Response) -> str:
+    from llmd.daemon.http.openai_errors import error_message
+
     return error_message(response.status_code, response.content)
 
 
@@ -127,6 +145,8 @@ def root_options(ctx: click.Context) -> dict[str, Any]:
 
 def cli_config(ctx: click.Context) -> DaemonConfig:
     """llmd.toml as llmctl finds it (--config, $LLMD_CONFIG, the user's config); raises LlmdError."""
+    from llmd.daemon.config import load_config
+
     return load_config(config_path_from_env(root_options(ctx)["config"]))
 
 
@@ -136,11 +156,48 @@ def socket_path(ctx: click.Context) -> Path:
     if explicit is not None:
         return Path(explicit)
     path = config_path_from_env(root_options(ctx)["config"])
-    return load_config(path).server.socket if path else default_socket()
+    if path is None:
+        return default_socket()
+    return _socket_named_in(path) or cli_config(ctx).server.socket
+
+
+def _socket_named_in(config_path: Path) -> Path | None:
+    """The socket llmd.toml's [server] table names (or the default), read without validating
+    the rest of the file: validating all of it takes longer than the rest of a quick command.
+    None when the file cannot be read that simply (missing, unreadable, not TOML, an odd value),
+    so that the full validation reports the problem as the daemon would."""
+    import tomllib
+
+    try:
+        with config_path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None
+    server = data.get("server", {})
+    if not isinstance(server, dict):
+        return None
+    value = server.get("socket")
+    if value is None:
+        return default_socket()
+    if not isinstance(value, str) or not value:
+        return None
+    # Relative to the file, as `load_config` resolves it.
+    socket = Path(value)
+    return socket if socket.is_absolute() else (config_path.parent / socket).resolve()
 
 
 def daemon_for(ctx: click.Context, timeout: float | None = None) -> Daemon:
     try:
-        return Daemon(socket_path(ctx), timeout)
+        return Daemon(socket_path(ctx), timeout, on_unreachable=lambda: _fail_if_config_invalid(ctx))
+    except LlmdError as exc:
+        fail(str(exc))
+
+
+def _fail_if_config_invalid(ctx: click.Context) -> None:
+    """Exit 1 with llmd.toml's problems, as when llmctl validated it before trying the socket."""
+    if root_options(ctx)["socket"] is not None:
+        return  # --socket / $LLMD_SOCKET: the config plays no part
+    try:
+        cli_config(ctx)
     except LlmdError as exc:
         fail(str(exc))
