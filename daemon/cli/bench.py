@@ -12,7 +12,6 @@ import click
 from llmd.daemon.cli.client import cli_config, daemon_for, fail
 from llmd.daemon.cli.complete import complete_model_names
 from llmd.daemon.cli.output import echo_json, table
-from llmd.daemon.diagnostics.doctor import reachable_url
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.diagnostics.llm_bench import (
     MAX_STREAMS,
@@ -22,6 +21,7 @@ from llmd.daemon.diagnostics.llm_bench import (
     run_bench,
 )
 from llmd.daemon.models.profiles import check_model_name
+from llmd.daemon.util.loopback import reachable_url
 
 
 def _levels(concurrency: str | None, max_concurrency: int | None) -> list[int]:

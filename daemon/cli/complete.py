@@ -11,7 +11,6 @@ from click.shell_completion import CompletionItem, get_completion_class
 
 from llmd.daemon.cli.client import Daemon, DaemonUnreachable, cli_config, socket_path
 from llmd.daemon.errors import LlmdError
-from llmd.daemon.models.profiles import load_profiles
 
 SHELLS = ("bash", "zsh", "fish")
 PROG = "llmctl"
@@ -33,6 +32,8 @@ def _names_from_daemon(ctx: click.Context) -> list[str] | None:
 
 
 def _names_from_files(ctx: click.Context) -> list[str]:
+    from llmd.daemon.models.profiles import load_profiles
+
     try:
         config = cli_config(ctx)
     except LlmdError:

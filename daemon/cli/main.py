@@ -18,16 +18,33 @@ from typing import Any
 import click
 
 from llmd.daemon.cli.client import EXIT_FAILED, daemon_for, fail
-from llmd.daemon.cli.complete import complete_model_names
+from llmd.daemon.cli.complete import complete_model_names, completion
+from llmd.daemon.cli.lazy import LazyCommand, LazyGroup
 from llmd.daemon.cli.output import dash as _dash
 from llmd.daemon.cli.output import Progress, echo_json, echo_plan
 from llmd.daemon.cli.output import table as _table
 from llmd.daemon.util.durations import format_duration
 from llmd.daemon.util.log_lines import DEFAULT_LOG_LINES, MAX_LOG_LINES
-from llmd.daemon.models.profiles import check_model_name
 from llmd.daemon.util.units import format_mib
 
-@click.group()
+# The commands that work without the daemon, each imported only when it runs: they need the
+# config's validation, the drivers, and for `doctor` and `bench` much more. The summaries are
+# the first lines of their help (tests/test_cli_imports.py checks that they stay so).
+LOCAL_COMMANDS = {
+    "bench": LazyCommand("llmd.daemon.cli.bench", "bench",
+                         "Prompt and generation tokens/s of NAME through the proxy, at 1..N concurrent streams."),
+    "doctor": LazyCommand("llmd.daemon.cli.doctor", "doctor",
+                          "Check engines, GPUs, permissions and ports, and smoke-test each engine; "
+                          "say how to fix what fails."),
+    "engines": LazyCommand("llmd.daemon.cli.engines", "engines",
+                           "List installed engines and what this host can run "
+                           "(or install one with `engines install`)."),
+    "profile": LazyCommand("llmd.daemon.cli.profile", "profile",
+                           "Write and list profile files (reads the files directly; the daemon may be stopped)."),
+}
+
+
+@click.group(cls=LazyGroup, lazy=LOCAL_COMMANDS)
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="LLMD_SOCKET",
               help="llmd's management socket (default: from llmd.toml, else $XDG_RUNTIME_DIR/llmd/llmd.sock)")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -42,6 +59,8 @@ def main(ctx: click.Context, socket_path: Path | None, config_path: Path | None)
 
 def _check_name(name: str) -> str:
     """Refuse a name that is not a model id before it goes into a URL path."""
+    from llmd.daemon.models.profiles import check_model_name
+
     try:
         return check_model_name(name)
     except ValueError as exc:
@@ -307,18 +326,4 @@ def recent_requests(ctx: click.Context, as_json: bool, follow: bool, limit: int 
     click.echo(_table(rows, list(COLUMNS)))
 
 
-from llmd.daemon.cli.engines import engines  # noqa: E402  (registers the `engines` group)
-
-main.add_command(engines)
-
-from llmd.daemon.cli.complete import completion  # noqa: E402
-from llmd.daemon.cli.profile import profile  # noqa: E402
-
 main.add_command(completion)
-main.add_command(profile)
-
-from llmd.daemon.cli.bench import bench  # noqa: E402
-from llmd.daemon.cli.doctor import doctor  # noqa: E402
-
-main.add_command(bench)
-main.add_command(doctor)

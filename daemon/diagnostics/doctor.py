@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import packages_distributions
 from importlib.metadata import version as dist_version
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import httpx
@@ -30,14 +30,18 @@ from llmd.drivers.base import Driver, GpuShare, LaunchRequest, Placement, load_p
 from llmd.daemon.config import DaemonConfig, split_host_port
 from llmd.daemon.engines.commands import INSTALLABLE_ENGINES, resolve_command
 from llmd.daemon.errors import AddressInUseError, ConfigError, EngineNotInstalledError, LlmdError
-from llmd.daemon.placement.estimate import launch_estimator
 from llmd.daemon.placement.inventory import CpuOnlyInventory, open_inventory
 from llmd.daemon.http.listeners import bind_tcp
 from llmd.daemon.models.profiles import Launch, ModelSource, Profile, ProfileSet
 from llmd.daemon.engines.provision import InstalledEngine, list_installed
-from llmd.daemon.engines.supervisor import EngineProcess, free_port, group_alive, spawn_engine
-from llmd.daemon.models.tinymodel import write_tiny_gguf, write_tiny_hf_dir
+from llmd.daemon.util.loopback import reachable_url
 from llmd.daemon.util.units import format_mib
+
+if TYPE_CHECKING:
+    from llmd.daemon.engines.supervisor import EngineProcess
+
+# The smoke test's parts (the tiny model writer with numpy and gguf, the estimator, the
+# supervisor) are imported when it runs: `--no-smoke` and the checks alone do without them.
 
 Status = Literal["ok", "warn", "fail"]
 Progress = Callable[[str], None]
@@ -351,12 +355,6 @@ def check_socket(socket_path: Path, me: User) -> CheckResult:
     return CheckResult("socket", "ok", f"llmd answers on {_describe(socket_path, st)}; {running} model(s) ready")
 
 
-def reachable_url(host: str, port: int) -> str:
-    """An http URL that reaches a listen address from this host (a wildcard address means loopback)."""
-    connect = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return f"http://[{connect}]:{port}" if ":" in connect else f"http://{connect}:{port}"
-
-
 def _llmd_answers(host: str, port: int, path: str) -> bool:
     """Whether what listens on host:port is an llmd: its proxy or management API, recognised by its answers."""
     try:
@@ -417,6 +415,8 @@ def _smoke_model(engine: str, root: Path) -> tuple[Path, list[str]]:
     vLLM reads a Hugging Face directory; llama.cpp, fastllm, and third-party engines (whose
     format llmd cannot know) get a GGUF file.
     """
+    from llmd.daemon.models.tinymodel import write_tiny_gguf, write_tiny_hf_dir
+
     if engine == "vllm":
         return write_tiny_hf_dir(root / "tiny-hf", ctx=SMOKE_CTX * 4), list(_VLLM_SMOKE_ARGS)
     return write_tiny_gguf(root / "tiny.gguf", ctx=SMOKE_CTX * 4), []
@@ -474,6 +474,9 @@ async def _start_and_ask(
     config: DaemonConfig, driver: Driver, command: list[str], root: Path, progress: Progress, spawned: list[EngineProcess]
 ) -> str:
     """Start the engine on a tiny model in `root`, send one chat; a line saying how it went."""
+    from llmd.daemon.engines.supervisor import free_port, spawn_engine
+    from llmd.daemon.placement.estimate import launch_estimator
+
     model, extra_args = _smoke_model(driver.name, root)
     profile = Profile(engine=driver.name, model=ModelSource(path=model), launch=Launch(ctx=SMOKE_CTX, extra_args=extra_args))
     profile.name = SMOKE_MODEL
@@ -533,6 +536,8 @@ def _smoke_failed(driver: Driver, error: LlmdError, engine: EngineProcess | None
 async def smoke_engine(config: DaemonConfig, found: FoundEngine, progress: Progress) -> CheckResult:
     """Start the engine through its driver and the supervisor on a tiny generated model, send one
     chat, stop it, and remove the model and its log. Ctrl-C stops the engine too, then re-raises."""
+    from llmd.daemon.engines.supervisor import group_alive
+
     driver, command = found.driver, found.command
     label = f"smoke {driver.name}"
     if command is None:

@@ -1,4 +1,5 @@
-"""Connecting to an engine's port on loopback, without a name lookup."""
+"""Reaching this host's own listeners: an engine's port without a name lookup, llmd's own
+listen address by URL."""
 
 from __future__ import annotations
 
@@ -30,3 +31,9 @@ async def connect(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def reachable_url(host: str, port: int) -> str:
+    """An http URL that reaches a listen address from this host (a wildcard address means loopback)."""
+    connect = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{connect}]:{port}" if ":" in connect else f"http://{connect}:{port}"
