@@ -13,7 +13,8 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -145,11 +146,20 @@ def parse_request(body: bytes, content_type: str | None) -> tuple[str, dict[str,
 class BearerAuth:
     """ASGI middleware: a request reaches `app` only with `Authorization: Bearer SECRET` for one of `secrets`.
 
-    `credential` says in error messages which setting holds the secrets; `reject` shapes the 401 body.
+    `credential` says in error messages which setting holds the secrets; `reject` shapes the 401 body,
+    and `reject_for(path)`, when given, the body for a path whose API has its own error shape.
+    With `api_key_header`, an `x-api-key: SECRET` header is accepted too (Anthropic's clients send one).
     """
 
     def __init__(
-        self, app: ASGIApp, secrets: Sequence[str], *, credential: str, reject: Callable[[str], Response]
+        self,
+        app: ASGIApp,
+        secrets: Sequence[str],
+        *,
+        credential: str,
+        reject: Callable[[str], Response],
+        reject_for: Callable[[str], Callable[[str], Response] | None] | None = None,
+        api_key_header: bool = False,
     ) -> None:
         if not secrets:
             raise ValueError("BearerAuth needs at least one secret")
@@ -158,6 +168,8 @@ class BearerAuth:
         self._digests = [hashlib.sha256(secret.encode()).digest() for secret in secrets]
         self._credential = credential
         self._reject = reject
+        self._reject_for = reject_for
+        self._api_key_header = api_key_header
 
     def matches(self, token: bytes) -> bool:
         """Whether `token` is one of the secrets. Every secret is compared in constant time, with no
@@ -171,8 +183,15 @@ class BearerAuth:
     def problem(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """What is wrong with the request's credentials, or None if they are good."""
         value = find_header(headers, b"authorization")
+        api_key = find_header(headers, b"x-api-key") if self._api_key_header else None
+        if api_key is not None and api_key.strip():
+            if self.matches(api_key.strip()):
+                return None
+            if value is None:
+                return f"the x-api-key header was not accepted; SECRET must be {self._credential}"
         if value is None:
-            return f"authentication required: send the header 'Authorization: Bearer SECRET' where SECRET is {self._credential}"
+            also = " (or 'x-api-key: SECRET')" if self._api_key_header else ""
+            return f"authentication required: send the header 'Authorization: Bearer SECRET'{also} where SECRET is {self._credential}"
         scheme, _, token = value.strip().partition(b" ")
         token = token.strip()
         if scheme.lower() != b"bearer" or not token:
@@ -191,7 +210,8 @@ class BearerAuth:
         elif scope["type"] == "websocket":
             await WebSocketClose(code=1008, reason="authentication required")(scope, receive, send)
         else:
-            response = self._reject(problem)
+            shaped = self._reject_for(scope["path"]) if self._reject_for is not None else None
+            response = (shaped or self._reject)(problem)
             response.headers["WWW-Authenticate"] = 'Bearer realm="llmd"'
             # The body stays unread: close rather than let an unauthenticated client stream it to us.
             response.headers.update(_CLOSE)
@@ -417,19 +437,31 @@ def _failure_reply(method: str, path: str, exc: Exception) -> Response:
     return error_response(500, f"llmd failed on {method} {path}: {exc!r}; the daemon's log has the details")
 
 
+@dataclass(frozen=True)
+class ClientApi:
+    """A client API the proxy listener speaks besides OpenAI's (Anthropic's Messages, say)."""
+
+    # Its POST routes that name a model, each with the ASGI endpoint that answers it.
+    endpoints: Mapping[str, ASGIApp]
+    # Whether a path belongs to it, and its 401 reply for a missing or wrong API key.
+    owns: Callable[[str], bool]
+    unauthorized: Callable[[str], Response]
+
+
 class _ModelRoutesFirst:
     """The proxy port's app. A POST to a route that names a model (nearly every request) goes
-    straight to the proxy, past two layers of Starlette middleware and a search of the routes;
-    every other request goes through Starlette's router, which also answers a wrong path (404)
-    or method (405)."""
+    straight to its endpoint (the proxy, for OpenAI's routes), past two layers of Starlette
+    middleware and a search of the routes; every other request goes through Starlette's router,
+    which also answers a wrong path (404) or method (405)."""
 
-    def __init__(self, proxy: Proxy, router: ASGIApp) -> None:
-        self.proxy = proxy
+    def __init__(self, endpoints: Mapping[str, ASGIApp], router: ASGIApp) -> None:
+        self.endpoints = endpoints
         self.router = router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in MODEL_ROUTES:
-            await self.proxy(scope, receive, send)
+        endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if endpoint is not None:
+            await endpoint(scope, receive, send)
         else:
             await self.router(scope, receive, send)
 
@@ -453,16 +485,33 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _failure_reply(request.method, request.url.path, exc)
 
 
-def build_proxy_app(proxy: Proxy, api_keys: Sequence[str] = (), extra_routes: Sequence[Route] = ()) -> ASGIApp:
-    """The proxy's ASGI app; with `api_keys`, every route (models list and `extra_routes` included) requires one."""
+def build_proxy_app(
+    proxy: Proxy, api_keys: Sequence[str] = (), extra_routes: Sequence[Route] = (), apis: Sequence[ClientApi] = ()
+) -> ASGIApp:
+    """The proxy's ASGI app, speaking OpenAI's API and `apis`; with `api_keys`, every route (models
+    list and `extra_routes` included) requires one, as a Bearer token or an `x-api-key` header."""
+    endpoints: dict[str, ASGIApp] = {path: proxy for path in MODEL_ROUTES}
+    for api in apis:
+        endpoints.update(api.endpoints)
     routes = [
-        # Its POSTs never get here (`_ModelRoutesFirst`): the routes make other methods a 405.
-        *(Route(path, proxy, methods=["POST"]) for path in MODEL_ROUTES),
+        # Their POSTs never get here (`_ModelRoutesFirst`): the routes make other methods a 405.
+        *(Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()),
         Route(MODELS_LIST_ROUTE, proxy.list_models, methods=["GET"]),
         *extra_routes,
     ]
     router = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
-    app = _ModelRoutesFirst(proxy, router)
+    app = _ModelRoutesFirst(endpoints, router)
     if not api_keys:
         return app
-    return BearerAuth(app, api_keys, credential="one of the keys in [server] api_keys", reject=_unauthorized)
+
+    def reject_for(path: str) -> Callable[[str], Response] | None:
+        return next((api.unauthorized for api in apis if api.owns(path)), None)
+
+    return BearerAuth(
+        app,
+        api_keys,
+        credential="one of the keys in [server] api_keys",
+        reject=_unauthorized,
+        reject_for=reject_for,
+        api_key_header=True,
+    )
