@@ -82,6 +82,10 @@ class LaunchRequest:
     # planner's cache, which already holds the one the scheduler placed the model with.
     # None: no estimate (`planned_estimate` returns None).
     estimator: Estimator | None = None
+    # Set when the profile asks to keep the prompt cache across restarts (`[policy] persist_kv`)
+    # and the driver says it can (`supports_persist_kv`): the directory, owned by llmd, where the
+    # engine must read and write its saved cache. The driver then returns a `KvPersistence`.
+    kv_dir: Path | None = None
 
 
 def planned_estimate(request: LaunchRequest) -> Estimate | None:
@@ -127,6 +131,28 @@ class SleepControl:
 
 
 @dataclass(frozen=True)
+class KvPersistence:
+    """How an engine saves its prompt cache to files and loads it back (llama-server's slot
+    save and restore), so that a model stopped and started again answers a conversation it has
+    seen without processing its prompt again.
+
+    The engine reads and writes the files in `directory` (the request's `kv_dir`). For each of
+    its `slots` (numbered from 0), a POST to `save_path` or `restore_path`, with `{slot}` filled
+    in and the JSON body `{"filename": NAME}`, saves the slot's cache to `directory/NAME` or
+    loads it back, answering 200 once done (with `n_saved` / `n_restored` tokens, as
+    llama-server does). A GET of `slots_path`, when the engine has it, lists the slots, so that
+    llmd saves only those holding a prompt. llmd chooses the file names, checks each file before
+    it is restored, and drops any it cannot trust.
+    """
+
+    directory: Path
+    slots: int = 1
+    save_path: str = "/slots/{slot}?action=save"
+    restore_path: str = "/slots/{slot}?action=restore"
+    slots_path: str | None = "/slots"
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """The exact process to start. argv is never passed through a shell."""
 
@@ -135,6 +161,9 @@ class LaunchSpec:
     readiness: Readiness = Readiness()
     # Set when the engine can be parked (see SleepControl); None: eviction stops it.
     sleep: SleepControl | None = None
+    # Set when the engine was started to keep its prompt cache across restarts (see
+    # KvPersistence); None: a stop loses it.
+    kv: KvPersistence | None = None
 
 
 class Driver(Protocol):
@@ -143,6 +172,13 @@ class Driver(Protocol):
     A driver may also implement `load_progress(log_line) -> str | None` (see `ReportsLoadProgress`)
     to turn the engine's log lines into progress while it loads. It is optional: call it through
     `load_progress(driver, line)`, which works for drivers with and without it.
+
+    A driver whose engine can save and restore its prompt cache sets `supports_persist_kv = True`
+    and, for a request with `kv_dir`, returns a `KvPersistence` in its `LaunchSpec`. Profiles that
+    set `[policy] persist_kv` for an engine without it are refused (see `persists_kv`).
+
+    A driver may also declare `native_routes`, the client API routes its engine serves itself
+    (see `NATIVE_ROUTES`). It is optional too: read it through `native_routes(driver)`.
     """
 
     name: str
@@ -184,6 +220,33 @@ def load_progress(driver: Driver, log_line: str) -> str | None:
         log.exception("driver %r: load_progress failed on %r", getattr(driver, "name", driver), log_line[:200])
         return None
     return result if isinstance(result, str) and result else None
+
+
+# Routes of client APIs beyond OpenAI's chat, completions and embeddings (which every engine
+# serves) that an engine may serve itself. The proxy passes a request on such a route straight
+# to an engine that declares it in `native_routes`; for other engines it translates the request
+# to OpenAI's chat completions where it can (Anthropic's Messages), or answers that the engine
+# does not serve the route.
+ANTHROPIC_MESSAGES = "/v1/messages"
+ANTHROPIC_COUNT_TOKENS = "/v1/messages/count_tokens"
+OPENAI_RESPONSES = "/v1/responses"
+NATIVE_ROUTES = frozenset({ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS, OPENAI_RESPONSES})
+
+
+def native_routes(driver: Driver) -> frozenset[str]:
+    """The routes of `NATIVE_ROUTES` that `driver`'s engine serves itself: its `native_routes`
+    attribute, or none for a driver without one. Other paths a driver names are ignored, so a
+    driver cannot take over a route the proxy does not offer."""
+    declared = getattr(driver, "native_routes", None)
+    if not isinstance(declared, set | frozenset | tuple | list):
+        return frozenset()
+    return frozenset(route for route in declared if route in NATIVE_ROUTES)
+
+
+def persists_kv(driver: Driver) -> bool:
+    """Whether `driver`'s engine can save and restore its prompt cache (its
+    `supports_persist_kv`); False for a driver that does not say."""
+    return getattr(driver, "supports_persist_kv", False) is True
 
 
 def cache_type_args(engine: str, flag: str, names: dict[str, str | None], cache_type: str) -> list[str]:

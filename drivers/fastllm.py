@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 
-from .base import LaunchRequest, LaunchSpec, Placement, Readiness, cache_type_args, planned_estimate
+from .base import OPENAI_RESPONSES, LaunchRequest, LaunchSpec, Placement, Readiness, cache_type_args, planned_estimate
 from .hookspecs import hookimpl
 
 PROGRESS_MARKER = "FTLLM_PROGRESS "
@@ -95,6 +95,10 @@ def placement_args(request: LaunchRequest, kv_bytes: int | None = None) -> list[
 class FastllmDriver:
     name = "fastllm"
     default_command = ["ftllm", "server"]
+    # fastllm serves OpenAI's Responses itself. It has a /v1/messages of its own too, but one
+    # that ignores `tool_choice` and cannot count tokens: llmd translates Anthropic's Messages
+    # to fastllm's chat completions instead.
+    native_routes = frozenset({OPENAI_RESPONSES})
 
     def launch(self, request: LaunchRequest) -> LaunchSpec:
         launch = request.profile.launch

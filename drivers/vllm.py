@@ -37,7 +37,18 @@ import logging
 import math
 import re
 
-from .base import LaunchRequest, LaunchSpec, Placement, Readiness, SleepControl, cache_type_args, planned_estimate
+from .base import (
+    ANTHROPIC_COUNT_TOKENS,
+    ANTHROPIC_MESSAGES,
+    OPENAI_RESPONSES,
+    LaunchRequest,
+    LaunchSpec,
+    Placement,
+    Readiness,
+    SleepControl,
+    cache_type_args,
+    planned_estimate,
+)
 from .hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
@@ -106,6 +117,8 @@ def sleep_mode_requested(request: LaunchRequest) -> bool:
 class VllmDriver:
     name = "vllm"
     default_command = ["vllm", "serve"]
+    # vLLM's server serves Anthropic's Messages (and counts their tokens) and OpenAI's Responses itself.
+    native_routes = frozenset({ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS, OPENAI_RESPONSES})
 
     def launch(self, request: LaunchRequest) -> LaunchSpec:
         profile = request.profile
