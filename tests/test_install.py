@@ -248,3 +248,11 @@ def test_on_the_running_system_systemctl_reloads_enables_and_starts(tmp_path: Pa
     said, calls = systemd_step(enabled="disabled", active="inactive", start=False, unit_changed=True)
     assert calls == ["daemon-reload", "is-enabled llmd.service", "enable llmd.service"]
     assert said[-1] == "not started (--no-start)"
+
+
+def test_an_llmd_under_a_home_directory_is_named_as_hidden_from_the_service() -> None:
+    from llmd.daemon.service.executables import hidden_from_service
+
+    assert hidden_from_service(Path("/home/alice/llmd/.venv/bin/llmd")) == Path("/home")
+    assert hidden_from_service(Path("/root/.venv/bin/llmd")) == Path("/root")
+    assert hidden_from_service(Path("/opt/llmd/bin/llmd")) is None

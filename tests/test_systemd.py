@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -70,3 +71,19 @@ def test_service_config_is_valid() -> None:
     config = load_config(REPO / "systemd" / "llmd.toml")
     assert config.server.socket == Path("/run/llmd/llmd.sock")
     assert config.server.state_dir == Path("/var/lib/llmd")
+
+
+def test_unit_is_locked_down_and_still_reaches_nvidia_devices() -> None:
+    """`systemd-analyze security` rates the unit 3.0 or lower (lower is safer), and engines may
+    still open the NVIDIA character devices under its device policy."""
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(REPO / "systemd" / "llmd.service")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    score = re.search(r"Overall exposure level for llmd\.service: ([0-9.]+)", result.stdout)
+    assert score is not None, result.stdout[-2000:]
+    assert float(score.group(1)) <= 3.0, result.stdout
+    unit = (REPO / "systemd" / "llmd.service").read_text()
+    assert "DevicePolicy=closed" in unit
+    allowed = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("DeviceAllow=")]
+    assert "char-nvidia* rw" in allowed and "/dev/nvidia-uvm rw" in allowed and "/dev/nvidiactl rw" in allowed
+    assert "LimitNOFILE=" in unit

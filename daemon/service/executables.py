@@ -43,6 +43,15 @@ def sibling_llmctl(llmd: Path) -> Path:
     return llmctl
 
 
+# The unit's ProtectHome=yes hides these from the service, whatever their modes.
+HIDDEN_FROM_SERVICE = (Path("/home"), Path("/root"), Path("/run/user"))
+
+
+def hidden_from_service(path: Path) -> Path | None:
+    """The directory of `HIDDEN_FROM_SERVICE` that holds `path`, or None."""
+    return next((top for top in HIDDEN_FROM_SERVICE if path.is_relative_to(top)), None)
+
+
 def unreachable_by_others(path: Path) -> Path | None:
     """The first directory above `path` (or `path` itself) that a user other than its owner cannot
     pass through or run, e.g. a venv under /root; None when the llmd user can run `path`."""

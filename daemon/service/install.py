@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from llmd.daemon.service import accounts, directories, systemctl
-from llmd.daemon.service.executables import sibling_llmctl, this_llmd, unreachable_by_others
+from llmd.daemon.service.executables import hidden_from_service, sibling_llmctl, this_llmd, unreachable_by_others
 from llmd.daemon.service.files import create_once, ensure_file
 from llmd.daemon.service.layout import (
     CONFIG,
@@ -92,6 +92,10 @@ class _Installer:
         if blocked is not None:
             said.append(f"warning: the {SERVICE_USER} user cannot reach {blocked}; install llmd where "
                         "other users can run it, e.g. a venv in /opt/llmd")
+        hidden = hidden_from_service(self.llmd)
+        if hidden is not None:
+            said.append(f"warning: the unit's ProtectHome=yes hides {hidden} from the service, so it cannot "
+                        f"run {self.llmd}; install llmd outside it, e.g. a venv in /opt/llmd")
         return said
 
     def systemd(self, start: bool) -> list[str]:
