@@ -1,7 +1,8 @@
 """`llmd`: the daemon.
 
 `llmd serve` runs the OpenAI proxy on `[server] listen` and the management API on the unix
-socket, in one event loop, and stops every engine before it exits.
+socket, in one event loop, and stops every engine before it exits: on SIGTERM or SIGINT, or when
+`llmctl shutdown` asks (POST /v1/shutdown), the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from llmd.daemon.models.profiles import load_profiles
 from llmd.daemon.http.proxy import BearerAuth, Proxy, build_proxy_app
 from llmd.daemon.http.request_log import RequestLog
 from llmd.daemon.manager.reload import reload_on_sighup
-from llmd.daemon.util.sdnotify import notify, ping_watchdog_forever, watchdog_interval
+from llmd.daemon.util.sdnotify import notify, ping_watchdog_forever, started_by_systemd, watchdog_interval
+from llmd.daemon.util.shutdown import Shutdown, stop_within
 
 log = logging.getLogger("llmd")
 
@@ -91,7 +93,7 @@ def _server(app: ASGIApp, graceful_seconds: float, *, forwarded_headers: bool = 
 
 
 def _management_over_tcp(
-    manager: Manager, server: ServerConfig, requests: RequestLog, playground: ASGIApp
+    manager: Manager, server: ServerConfig, requests: RequestLog, playground: ASGIApp, shutdown: Shutdown
 ) -> tuple[_Server, socket.socket] | None:
     """The management API on `[server] management_listen`, behind `management_token`; None if not configured."""
     if server.management_listen is None:
@@ -100,7 +102,7 @@ def _management_over_tcp(
     sock = bind_tcp(*split_host_port(server.management_listen), setting="[server] management_listen")
     token = server.management_token.get_secret_value()
     bearer = BearerAuth(
-        build_api_app(manager, requests, playground),
+        build_api_app(manager, requests, playground, shutdown),
         [token],
         credential="the [server] management_token",
         reject=lambda message: JSONResponse({"error": message}, status_code=401),
@@ -113,8 +115,10 @@ def _management_over_tcp(
 
 
 async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP re-reads `config_path` and the profiles."""
+    """Run until SIGTERM/SIGINT or POST /v1/shutdown; SIGHUP re-reads `config_path` and the profiles."""
     server = config.server
+    # Read before anything else runs: the environment systemd started the daemon with.
+    systemd_variable = started_by_systemd()
     drivers = load_drivers()
     profiles = load_profiles(server.profile_dirs, set(drivers), server.model_dirs)
     for error in profiles.errors.values():
@@ -136,9 +140,20 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     # The dashboard's playground enters the same proxy, counted and logged alike; the management
     # listener's own access control stands in for an API key (docs/dashboard.md).
     playground = manager.metrics.instrument(proxy, requests)
-    api_server = _server(build_api_app(manager, requests, playground), API_SHUTDOWN_GRACE)
-    listeners = [(proxy_server, proxy_socket), (api_server, api_socket)]
-    management_tcp = _management_over_tcp(manager, server, requests, playground)
+    listeners: list[tuple[_Server, socket.socket]] = []
+
+    def stop_gracefully(who: str) -> None:
+        """Stop taking requests and let the listeners drain; then `serve` stops every engine."""
+        log.info("%s: finishing in-flight requests, then stopping engines", who)
+        notify("STOPPING=1", "STATUS=finishing in-flight requests, then stopping engines")
+        for each, _ in listeners:
+            each.should_exit = True
+
+    shutdown = Shutdown(stop_gracefully, systemd_variable,
+                        stop_within(server.shutdown_grace, API_SHUTDOWN_GRACE, server.stop_grace))
+    api_server = _server(build_api_app(manager, requests, playground, shutdown), API_SHUTDOWN_GRACE)
+    listeners += [(proxy_server, proxy_socket), (api_server, api_socket)]
+    management_tcp = _management_over_tcp(manager, server, requests, playground, shutdown)
     if management_tcp is not None:
         listeners.append(management_tcp)
 
@@ -150,10 +165,7 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
                     for each, _ in listeners:
                         each.force_exit = True
                     return
-                log.info("%s: finishing in-flight requests, then stopping engines", signal.Signals(signum).name)
-                notify("STOPPING=1", "STATUS=finishing in-flight requests, then stopping engines")
-                for each, _ in listeners:
-                    each.should_exit = True
+                stop_gracefully(signal.Signals(signum).name)
 
     try:
         async with anyio.create_task_group() as daemon:

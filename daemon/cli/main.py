@@ -23,6 +23,7 @@ from llmd.daemon.cli.lazy import LazyCommand, LazyGroup
 from llmd.daemon.cli.output import dash as _dash
 from llmd.daemon.cli.output import Progress, echo_json, echo_plan
 from llmd.daemon.cli.output import table as _table
+from llmd.daemon.cli.shutdown import shutdown
 from llmd.daemon.util.durations import format_duration
 from llmd.daemon.util.log_lines import DEFAULT_LOG_LINES, MAX_LOG_LINES
 from llmd.daemon.util.units import format_mib
@@ -327,3 +328,4 @@ def recent_requests(ctx: click.Context, as_json: bool, follow: bool, limit: int 
 
 
 main.add_command(completion)
+main.add_command(shutdown)

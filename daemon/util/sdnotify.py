@@ -9,12 +9,26 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 
 import anyio
 
 NOTIFY_SOCKET_ENV = "NOTIFY_SOCKET"
 WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
 WATCHDOG_PID_ENV = "WATCHDOG_PID"
+# systemd sets it for every process of a unit it starts, whatever the unit's Type.
+INVOCATION_ID_ENV = "INVOCATION_ID"
+
+
+def started_by_systemd(environ: Mapping[str, str] | None = None) -> str | None:
+    """Which of $NOTIFY_SOCKET and $INVOCATION_ID systemd set for this process; None: neither,
+    systemd did not start it.
+
+    Read it at startup: the environment is what systemd gave the process then. A shell inside
+    another systemd unit (a terminal that runs as a user service) may pass $INVOCATION_ID on too,
+    which is why a refusal that rests on this names the variable."""
+    env = os.environ if environ is None else environ
+    return next((name for name in (NOTIFY_SOCKET_ENV, INVOCATION_ID_ENV) if env.get(name)), None)
 
 
 def notify(*messages: str) -> bool:

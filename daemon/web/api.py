@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -21,6 +23,7 @@ from llmd.daemon.http.request_log import RequestLog
 from llmd.daemon.util.log_lines import DEFAULT_LOG_LINES, MAX_LOG_LINES
 from llmd.daemon.manager.core import Manager
 from llmd.daemon.manager.reload import reload_profiles
+from llmd.daemon.util.shutdown import Shutdown
 
 PROGRESS_SECONDS = 0.5
 FOLLOW_POLL_SECONDS = 0.25
@@ -35,9 +38,10 @@ def _ndjson(event: dict[str, Any]) -> bytes:
 
 
 class ManagementApi:
-    def __init__(self, manager: Manager, requests: RequestLog) -> None:
+    def __init__(self, manager: Manager, requests: RequestLog, shutdown: Shutdown | None = None) -> None:
         self.manager = manager
         self.requests = requests
+        self._shutdown = shutdown
 
     def _model(self, request: Request) -> str:
         name = request.path_params["name"]
@@ -190,6 +194,19 @@ class ManagementApi:
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
+    async def shutdown(self, request: Request) -> Response:
+        """Stop the daemon as SIGTERM does, once this answer is sent; refused (409) under systemd.
+
+        The answer has the daemon's `pid` and `within_s`, how long stopping may take, so that
+        `llmctl shutdown` can wait for the process to end."""
+        assert self._shutdown is not None  # the route exists only with one
+        refusal = self._shutdown.refusal()
+        if refusal is not None:
+            return _error(409, refusal)
+        # A background task runs after the answer went out: the caller learns the stop began.
+        return JSONResponse({"stopping": True, "pid": os.getpid(), "within_s": self._shutdown.within_s},
+                            background=BackgroundTask(self._shutdown.begin, "llmctl shutdown"))
+
     async def gpus(self, request: Request) -> Response:
         return JSONResponse(self.manager.gpu_report())
 
@@ -246,16 +263,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
 
 
-def build_api_app(manager: Manager, requests: RequestLog | None = None, playground: ASGIApp | None = None) -> Starlette:
-    """The management API; `requests` is the proxy's request log (none kept without one), and
-    `playground` the proxy app the dashboard's playground talks to (no playground without one)."""
+def build_api_app(manager: Manager, requests: RequestLog | None = None, playground: ASGIApp | None = None,
+                  shutdown: Shutdown | None = None) -> Starlette:
+    """The management API; `requests` is the proxy's request log (none kept without one),
+    `playground` the proxy app the dashboard's playground talks to (no playground without one),
+    and `shutdown` how the daemon stops when asked (no POST /v1/shutdown without one)."""
     from starlette.middleware import Middleware
 
     from llmd.daemon.web.dashboard import dashboard_routes
     from llmd.daemon.web.dashboard_auth import RefuseCrossSite
 
     requests = requests if requests is not None else RequestLog(0)
-    api = ManagementApi(manager, requests)
+    api = ManagementApi(manager, requests, shutdown)
     routes = [
         Route("/v1/ps", api.ps, methods=["GET"]),
         Route("/v1/profiles", api.profiles, methods=["GET"]),
@@ -271,6 +290,8 @@ def build_api_app(manager: Manager, requests: RequestLog | None = None, playgrou
         Route("/v1/requests", api.recent_requests, methods=["GET"]),
         *manager.metrics.routes(),
     ]
+    if shutdown is not None:
+        routes.append(Route("/v1/shutdown", api.shutdown, methods=["POST"]))
     if manager.config.dashboard.enabled:
         routes += dashboard_routes(manager, requests, playground)
     handlers = {UnknownModelError: _unknown_model, HTTPException: _http_error}
