@@ -53,7 +53,7 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
     [
         ('[server]\nlisten = "8808"\n', "server.listen: listen must be \"HOST:PORT\""),
         ('[server]\nlisten = "127.0.0.1:99999"\n', "server.listen"),
-        ('[server]\nlistn = "127.0.0.1:1"\n', "server.listn: Extra inputs are not permitted"),
+        ('[server]\nlistn = "127.0.0.1:1"\n', "server.listn: unknown key; did you mean `listen`?"),
         ('[engines.llama-cpp]\ncommand = []\n', "engines.llama-cpp.command: command must be a non-empty list"),
         ('[server]\nstop_grace = -1\n', "server.stop_grace"),
         ("[server\n", "invalid TOML"),

@@ -43,7 +43,7 @@ def test_relative_model_path_resolves_against_profile(tmp_path: Path) -> None:
         ('engine = "llama-cpp"\n[model]\npath = "/x"\n[launch]\nctx = "big"\n', "launch.ctx", "whole number"),
         ('engine = "llama-cpp"\n[model]\npath = "/x"\n[launch]\nextra_args = "--foo"\n', "launch.extra_args", "write a list"),
         ('engine = "llama-cpp"\n[model]\npath = "/x"\n[policy]\nttl = "soon"\n', "policy.ttl", "1h30m"),
-        ('engine = "llama-cpp"\n[model]\npath = "/x"\n[lanuch]\nctx = 1\n', "lanuch: Extra inputs", "check its spelling"),
+        ('engine = "llama-cpp"\n[model]\npath = "/x"\n[lanuch]\nctx = 1\n', "lanuch: unknown table [lanuch]", "did you mean [launch]?"),
         ('engine = "llama-cpp"\naliases = ["../etc"]\n[model]\npath = "/x"\n', "aliases", "not a valid model name"),
         ('engine = \n', "invalid TOML", ""),
     ],

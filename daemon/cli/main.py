@@ -60,7 +60,7 @@ def main(ctx: click.Context, socket_path: Path | None, config_path: Path | None)
 
 def _check_name(name: str) -> str:
     """Refuse a name that is not a model id before it goes into a URL path."""
-    from llmd.daemon.models.profiles import check_model_name
+    from llmd.daemon.models.names import check_model_name
 
     try:
         return check_model_name(name)

@@ -6,7 +6,6 @@ clear error per invalid file.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,26 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from llmd.daemon.util.durations import parse_duration
 from llmd.daemon.errors import ConfigError
+from llmd.daemon.models.names import NAME_PATTERN, check_model_name  # noqa: F401 (re-exported)
 from llmd.daemon.util.validation import read_toml, validate_file_data
 from llmd.drivers.settings import LaunchSettings
-
-# Model ids travel in URLs, file names and log names: keep them to a safe alphabet.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 _Strict = ConfigDict(extra="forbid")
 
 # The `[launch]` table is defined by the driver API, which turns it into argv.
 Launch = LaunchSettings
-
-
-def check_model_name(name: str) -> str:
-    """Return `name` if it is a valid model id, else raise ValueError saying what is allowed."""
-    if not NAME_PATTERN.match(name) or ".." in name:
-        raise ValueError(
-            f"{name!r} is not a valid model name: use letters, digits, '.', '_', ':' and '-' "
-            "(no '/', no '..', at most 128 characters, starting with a letter or digit)"
-        )
-    return name
 
 
 class ModelSource(BaseModel):

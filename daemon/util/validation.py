@@ -7,8 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from llmd.daemon.util.unknown_keys import explain_unknown_key
+
 _FIXES = {
-    "extra_forbidden": "remove it, or check its spelling",
+    "extra_forbidden": "remove it, or check its spelling",  # without the model at hand
     "missing": "add it",
     "int_parsing": "write a whole number",
     "int_type": "write a whole number",
@@ -24,11 +26,17 @@ _FIXES = {
 }
 
 
-def describe_validation_error(source: Path | str, error: ValidationError) -> str:
-    """One line per problem: `FILE: field.path: message (got X); fix: ...`."""
+def describe_validation_error(source: Path | str, error: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line per problem: `FILE: field.path: message (got X); fix: ...`.
+
+    With the `model` validated against, an unknown key is named as a misspelling of a known one
+    or as a key of another table (see `unknown_keys`)."""
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden" and model is not None:
+            lines.append(f"{source}: {field}: {explain_unknown_key(model, item['loc'], item.get('input'))}")
+            continue
         message = item["msg"]
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
@@ -47,7 +55,7 @@ def validate_file_data(model: type[BaseModel], source: Path, data: dict[str, Any
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(source, exc)) from None
+        raise ConfigError(describe_validation_error(source, exc, model)) from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:
