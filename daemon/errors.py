@@ -12,6 +12,7 @@ __all__ = [
     "EngineStartError",
     "LlmdError",
     "NoRoomError",
+    "QueueFullError",
     "UnknownModelError",
 ]
 
@@ -40,5 +41,14 @@ class NoRoomError(LlmdError):
     """The model does not fit now; `retry_after` says when asking again may help."""
 
     def __init__(self, message: str, retry_after: int = 10) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueFullError(LlmdError):
+    """The model has no free slot and its queue is full (`[policy] max_queue`): each API answers
+    429 with `Retry-After: retry_after` in its own error shape."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after

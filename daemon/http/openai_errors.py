@@ -7,6 +7,9 @@ import json
 
 from starlette.responses import JSONResponse
 
+from llmd.daemon.errors import LlmdError
+from llmd.daemon.http.error_status import status_of
+
 # The routes whose request body names a model: each request goes to that model's engine.
 MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MODELS_LIST_ROUTE = "/v1/models"
@@ -22,6 +25,7 @@ _TYPES = {
     408: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    429: "rate_limit_exceeded",
     502: "upstream_error",
     503: "service_unavailable",
 }
@@ -44,6 +48,14 @@ def error_response(
         }
     }
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def llmd_error_response(error: LlmdError) -> JSONResponse:
+    """An error that kept a request from its engine (a full queue, no room, an engine that
+    would not start), in OpenAI's shape with the status and headers `status_of` gives it."""
+    meaning = status_of(error)
+    param = "model" if meaning.code == "model_not_found" else None
+    return error_response(meaning.status, str(error), code=meaning.code, param=param, headers=meaning.headers)
 
 
 def error_message(status: int, body: bytes) -> str:

@@ -64,6 +64,11 @@ class Policy(BaseModel):
     pinned: bool = False
     priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
     autostart: bool = False
+    # Requests the engine gets at once; unset, the engine's own slots (`[launch] parallel`).
+    max_concurrency: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    # Requests that may wait for a slot; past it a request is refused with 429. Unset, no cap
+    # (each still waits at most `[server] queue_timeout`).
+    max_queue: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
 
     @field_validator("ttl")
     @classmethod
