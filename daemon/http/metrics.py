@@ -163,6 +163,10 @@ class Metrics:
             "llmd_swap_duration_seconds", "`llmctl load NEW --replace OLD`, from start to NEW ready and OLD stopped",
             ["model"], buckets=_LOAD_BUCKETS, registry=r,
         )
+        self.queue_refusals = Counter(
+            "llmd_queue_refusals", "Requests refused by a model's admission: its queue was full (429) or no slot came in time (503)",
+            ["model", "reason"], registry=r,
+        )
         self.gpu_energy = GpuEnergy(cards_of)
         r.register(_StateCollector(models, gpus, self.gpu_energy))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -195,6 +199,10 @@ class Metrics:
 
     def swap_finished(self, name: str, seconds: float) -> None:
         self.swap_duration.labels(name).observe(seconds)
+
+    def queue_refused(self, name: str, reason: str) -> None:
+        """A request for `name` was refused: `full` (its queue was full) or `timeout`."""
+        self.queue_refusals.labels(name, reason).inc()
 
     # ----- serving -----
 
@@ -243,10 +251,16 @@ class _StateCollector(Collector):
         state = GaugeMetricFamily("llmd_model_state", "1 for the state each model is in, 0 for the others", labels=["model", "state"])
         rows = self._models()
         states = STATES + tuple(sorted({row["state"] for row in rows} - set(STATES)))
+        queued = GaugeMetricFamily("llmd_queue_depth", "Requests waiting for a slot on the model", labels=["model"])
+        active = GaugeMetricFamily(
+            "llmd_slots_busy", "Slots taken on the model: requests at its engine or waiting for it to load", labels=["model"]
+        )
         for row in rows:
             for name in states:
                 state.add_metric([row["model"], name], 1 if row["state"] == name else 0)
-        return [state]
+            queued.add_metric([row["model"]], row.get("queued", 0))
+            active.add_metric([row["model"]], row.get("slots_busy", 0))
+        return [state, queued, active]
 
     def _gpu_families(self) -> list[Metric]:
         labels = ["gpu"]
