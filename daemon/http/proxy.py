@@ -27,10 +27,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
 from llmd.daemon.http.client_link import BODY_TAP_KEY, client_link
-from llmd.daemon.errors import LlmdError, NoRoomError, UnknownModelError
+from llmd.daemon.errors import LlmdError, UnknownModelError
 from llmd.daemon.manager.core import Manager
 from llmd.daemon.http.metrics import ASKED_MODEL_KEY, name_model
-from llmd.daemon.http.openai_errors import CLIENT_GONE, MODEL_ROUTES, MODELS_LIST_ROUTE, error_response
+from llmd.daemon.http.openai_errors import CLIENT_GONE, MODEL_ROUTES, MODELS_LIST_ROUTE, error_response, llmd_error_response
 from llmd.daemon.http.upstream import Headers, UpstreamError, find_header
 from llmd.daemon.http.upstream import Response as UpstreamResponse
 
@@ -387,12 +387,8 @@ class Proxy:
         """Acquire the model, send the request to its engine, and relay the reply."""
         try:
             inst = await self.manager.acquire(name)
-        except NoRoomError as exc:
-            return error_response(
-                503, str(exc), code="no_room", headers={"Retry-After": str(max(1, int(exc.retry_after)))}
-            )
-        except LlmdError as exc:
-            return error_response(503, str(exc), code="engine_unavailable")
+        except LlmdError as exc:  # a full queue (429), no room (503), an engine that would not start (503)
+            return llmd_error_response(exc)
         try:
             assert inst.client is not None  # a ready instance always has one
             upstream = await inst.client.request(scope["method"], scope["path"], _forward_headers(scope["headers"]), body)

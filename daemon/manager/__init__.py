@@ -7,6 +7,9 @@ Where each piece lives:
   engine and clearing its claim, and the idle reaper.
 - `state`: what is kept per model (`Instance`, `State`, `Load`, `Job`) and small rules that
   need no manager (retry backoff, out-of-memory detection, log paths).
+- `admission`: each model's `Gate`: the slots requests take (`[policy] max_concurrency`), the
+  queue they wait in (`max_queue`), and the holds a waiting load puts on busy models so that a
+  swap is not put off forever. Pure; `acquire`, `release` and the load path drive it.
 - `loading.Loader`: the load path: plan, reserve a placement, make room (evict or park), fetch
   the model, start the engine, plan again after running out of memory, abandon a failed load.
 - `parking.Parking`: sleep mode: whether a model can be parked, putting it to sleep, waking it.
@@ -19,5 +22,6 @@ The ownership rule: only the Manager adds instances, and every state change, whe
 lives, happens on the event loop with no await between the check and the change it guards
 (a placement is claimed, a victim marked stopping or parking, before the first await). So no
 locks are needed. `Loader`, `Parking` and `Supervision` each receive the Manager and reach one
-another only through it, so none of these modules imports another except `state`.
+another only through it, so none of these modules imports another except the pure `state` and
+`admission`.
 """

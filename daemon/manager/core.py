@@ -21,9 +21,10 @@ from llmd.drivers.base import Driver
 
 from llmd.daemon.config import DaemonConfig
 from llmd.daemon.engines.ledger import PidLedger
-from llmd.daemon.errors import EngineStartError, LlmdError, UnknownModelError
+from llmd.daemon.errors import EngineStartError, LlmdError, NoRoomError, QueueFullError, UnknownModelError
 from llmd.daemon.http.metrics import Metrics
 from llmd.daemon.manager import reports
+from llmd.daemon.manager.admission import limits_for
 from llmd.daemon.manager.loading import Loader
 from llmd.daemon.manager.parking import Parking
 from llmd.daemon.manager.state import MAX_ATTEMPTS, Instance, Job, Load, State, backoff_seconds, close_client, engine_log_path
@@ -210,17 +211,57 @@ class Manager:
         return inst.load
 
     async def acquire(self, name: str) -> Instance:
-        """Wait until the model is ready and mark it busy: it is never idle-unloaded or evicted
-        until `release`. Nothing may await between the readiness check and the count."""
-        inst = await self.ensure_ready(name)
+        """Take a slot on the model (waiting in its queue if all are taken), wait until the
+        model is ready and mark it busy: it is never idle-unloaded or evicted until `release`.
+
+        Raises QueueFullError at once when the model's queue is full, and NoRoomError when no
+        slot came within queue_timeout (see `admission`). Nothing may await between the
+        readiness check and the count."""
+        inst = self.instance(name)
+        gate = inst.gate
+        gate.configure(*limits_for(inst.profile))
+        try:
+            ticket = gate.enter()
+        except QueueFullError:
+            self.metrics.queue_refused(inst.name, "full")
+            raise
+        try:
+            timeout = self.config.server.queue_timeout
+            if not await gate.wait(ticket, timeout):
+                self.metrics.queue_refused(inst.name, "timeout")
+                raise NoRoomError(
+                    f"no free slot on {inst.name!r} after waiting {timeout:.0f}s in its queue "
+                    f"({gate.active} running, max_concurrency = {gate.limit}); try again shortly",
+                    retry_after=gate.retry_after(),
+                )
+            await self.ensure_ready(inst.name)
+        except BaseException:  # the slot (or queue place) is given back whatever ends the wait
+            gate.withdraw(ticket)
+            self._slot_freed(inst)
+            raise
         inst.in_flight += 1
         return inst
 
     def release(self, inst: Instance) -> None:
+        """The request is done with the engine: its slot goes to the next request queued for
+        the model, in this same call, so the model never looks idle in between."""
         inst.in_flight -= 1
         inst.last_used = time.monotonic()
-        if inst.in_flight == 0:
+        inst.gate.leave()
+        self._slot_freed(inst)
+
+    def _slot_freed(self, inst: Instance) -> None:
+        if inst.in_flight == 0 and inst.gate.idle:
             self.notify_changed()
+
+    def hold_for(self, inst: Instance, names: list[str]) -> None:
+        """`inst`'s load waits for the busy models `names` to drain: requests that reach them
+        from now on queue behind it (see `admission`). Holds on any other model are lifted."""
+        for other in self.instances.values():
+            if other.name in names:
+                other.gate.hold(inst.name)
+            else:
+                other.gate.unhold(inst.name)
 
     def engine_failed(self, inst: Instance) -> None:
         """A proxied request to this engine failed: check its health now, not at the next tick."""
@@ -339,6 +380,7 @@ class Manager:
                     # A parked model past its TTL is stopped too, giving back its host RAM.
                     and (inst.state is State.READY or (inst.state is State.SLEEPING and inst.settled.is_set()))
                     and inst.in_flight == 0
+                    and inst.gate.idle
                     and now - inst.last_used >= ttl
                 ):
                     self.task_group.start_soon(self._unload_instance, inst, f"idle for {ttl:.0f}s")

@@ -21,6 +21,7 @@ from llmd.daemon.engines.commands import resolve_command
 from llmd.daemon.engines.supervisor import EngineProcess, free_port, process_tree, spawn_engine
 from llmd.daemon.errors import EngineStartError, LlmdError, NoRoomError
 from llmd.daemon.http.upstream import Pool
+from llmd.daemon.manager.admission import hold_after
 from llmd.daemon.manager.state import ENGINE_HOST, Instance, Load, State, close_client, engine_log_path, looks_like_oom
 from llmd.daemon.models.downloads import resolve_cached
 from llmd.daemon.models.profiles import Profile
@@ -168,6 +169,12 @@ class Loader:
         """Find room for `inst`, waiting up to queue_timeout for busy models to finish, and
         evicting idle ones the plan names. The placement is claimed (set on the instance)
         before any await, so concurrent loads never plan into the same memory."""
+        try:
+            await self._wait_for_room(inst, profile, model_path)
+        finally:  # placed, given up or cancelled: the models it held take requests again
+            self.manager.lift_holds(inst)
+
+    async def _wait_for_room(self, inst: Instance, profile: Profile, model_path: Path) -> None:
         manager = self.manager
         deadline = time.monotonic() + manager.config.server.queue_timeout
         while True:
@@ -175,6 +182,7 @@ class Loader:
             result, _ = manager.planner.place(profile, model_path, running)
             if isinstance(result, Plan):
                 inst.placement = result.placement
+                manager.lift_holds(inst)  # before the eviction's awaits: models it spares serve on
                 await self.make_room(inst, result, running)
                 return
             if not self._room_may_appear(inst):
@@ -187,8 +195,25 @@ class Loader:
                     retry_after=10,
                 )
             inst.progress = f"waiting for room: {result.reason}"
-            with anyio.move_on_after(remaining):
+            # Busy models go on taking requests for a while (grouping them saves swaps); past
+            # that, new requests for them queue behind this load, so they drain in time.
+            hold_in = hold_after(manager.config.server.queue_timeout) - (manager.config.server.queue_timeout - remaining)
+            if hold_in <= 0:
+                manager.hold_for(inst, self._busy_obstacles(inst, profile, model_path, running))
+            with anyio.move_on_after(remaining if hold_in <= 0 else min(remaining, hold_in)):
                 await manager.wait_changed()
+
+    def _busy_obstacles(self, inst: Instance, profile: Profile, model_path: Path, running: list[RunningModel]) -> list[str]:
+        """The busy ready models whose room `inst` waits for: those the plan would evict if
+        their requests were done."""
+        instances = self.manager.instances
+        drainable = {
+            model.name for model in running
+            if model.in_flight and not model.pinned and instances[model.name].state is State.READY
+        }
+        relaxed = [dc_replace(model, in_flight=0) if model.name in drainable else model for model in running]
+        result, _ = self.manager.planner.place(profile, model_path, relaxed)
+        return [name for name in result.evict if name in drainable] if isinstance(result, Plan) else []
 
     def running_except(self, inst: Instance) -> list[RunningModel]:
         """Every other model holding memory, as the scheduler sees it; those that eviction

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from llmd.drivers.base import load_progress
 
 from llmd.daemon.engines.supervisor import process_tree, tail_lines
+from llmd.daemon.manager.admission import limits_for
 from llmd.daemon.manager.state import Instance, State, engine_log_path
 from llmd.daemon.placement.scheduler import NoFit
 
@@ -36,6 +37,10 @@ def status(manager: Manager) -> list[dict[str, Any]]:
                 "uptime_s": round(now - engine.started_monotonic, 1) if engine else None,
                 "idle_s": _idle_seconds(inst, now),
                 "in_flight": inst.in_flight,
+                # Admission (see `admission`): slots taken, of `slots`, and requests queued for one.
+                "slots_busy": inst.gate.active,
+                "slots": limits_for(inst.profile)[0],
+                "queued": inst.gate.queued,
                 "argv": engine.argv if engine else None,
                 "gpus": [share.index for share in placement.gpus] if placement else [],
                 "vram_mib": sum(inst.claimed().values()) if placement else 0,

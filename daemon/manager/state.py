@@ -19,6 +19,7 @@ from llmd.daemon.config import DaemonConfig
 from llmd.daemon.engines.supervisor import EngineProcess
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.http.upstream import Pool
+from llmd.daemon.manager.admission import Gate
 from llmd.daemon.models.profiles import Profile
 from llmd.daemon.placement.estimate import GPU_OVERHEAD_MIB
 from llmd.daemon.placement.scheduler import RunningModel
@@ -79,6 +80,9 @@ class Instance:
     # Requests waiting for this model's load; they count as busy, so a model that just
     # became ready is not evicted before its waiting requests reach it.
     waiters: int = 0
+    # Admission: the slots requests hold (from admission until their reply ends, a wait for
+    # the load included) and the queue of those waiting for one. Set from the profile's name.
+    gate: Gate = field(init=False)
     last_used: float = field(default_factory=time.monotonic)
     load_seconds: float | None = None
     error: str | None = None
@@ -98,6 +102,9 @@ class Instance:
     parked: dict[int, int] | None = None
     settled: anyio.Event = field(default_factory=anyio.Event)
     wake_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        self.gate = Gate(self.profile.name)
 
     @property
     def name(self) -> str:
@@ -122,11 +129,12 @@ class Instance:
 
     def as_running(self, parkable: bool = False) -> RunningModel:
         """This instance as the scheduler sees it. Only a ready model with nobody using or
-        awaiting it, or a parked one, can be evicted; a starting, stopping or falling-asleep one
+        awaiting it (a slot given to a request that has not reached the engine yet counts), or
+        a parked one, can be evicted; a starting, stopping or falling-asleep one
         holds its claim. `parkable`: eviction would park it rather than stop it."""
         assert self.placement is not None
         if self.state is State.READY:
-            busy = self.in_flight + self.waiters
+            busy = max(self.in_flight, self.gate.active) + self.waiters
         elif self.state is State.SLEEPING and self.settled.is_set():
             busy = 0
         else:
