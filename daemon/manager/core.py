@@ -263,6 +263,11 @@ class Manager:
             else:
                 other.gate.unhold(inst.name)
 
+    def lift_holds(self, inst: Instance) -> None:
+        """`inst`'s load no longer waits for room: the models it held take requests again."""
+        for other in self.instances.values():
+            other.gate.unhold(inst.name)
+
     def engine_failed(self, inst: Instance) -> None:
         """A proxied request to this engine failed: check its health now, not at the next tick."""
         inst.probe_now.set()
