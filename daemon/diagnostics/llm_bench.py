@@ -7,6 +7,9 @@ engine: its OpenAI `usage` (asked for with `stream_options.include_usage`), or l
 
 Each prompt starts with its own request number, so no engine can serve it from a prompt cache
 filled by an earlier request: prompt speed is the speed of really processing the prompt.
+
+Sizes the user did not choose are fitted to the model's context (see `bench_fit`), and the result
+says so, as it says when a level had more streams than the model has slots.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import anyio
 import httpx
 
+from llmd.daemon.diagnostics.bench_fit import ModelRoom, PromptCost, Sizes, fit_sizes, queue_note, shrink_note
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.http.openai_errors import error_message
 
@@ -30,6 +34,9 @@ __all__ = ["BenchError", "BenchRow", "format_rate", "headline", "parse_concurren
 
 MAX_STREAMS = 256
 _SENTENCE = "The farmer counts the sheep in the valley while the river runs past the old mill. "
+# Prompts of these lengths (in words) measure what a word costs: one whole sentence apart, so
+# the difference holds each of its words once.
+_COST_WORDS = (1, 1 + len(_SENTENCE.split()))
 # A reply may take this long per stream before the bench gives up on it.
 REQUEST_TIMEOUT_S = 600.0
 # While a level runs, how often to say how far it got.
@@ -66,6 +73,8 @@ class BenchRow:
     ttft_p50_ms: float
     prompt_tokens: int
     completion_tokens: int
+    # Streams that had to wait for a slot: the level had more streams than the model has slots.
+    waited: int = 0
 
 
 def parse_concurrency(text: str) -> list[int]:
@@ -182,7 +191,7 @@ async def stream_once(
     return StreamSample(prompt_tokens, completion_tokens, sent_at, first_at or done_at, done_at, source)
 
 
-def summarize(streams: int, samples: list[StreamSample]) -> BenchRow:
+def summarize(streams: int, samples: list[StreamSample], slots: int | None = None) -> BenchRow:
     """One row from the samples of one concurrency level.
 
     Per stream: prompt tokens over the time to first token, and the tokens after the first over
@@ -206,6 +215,7 @@ def summarize(streams: int, samples: list[StreamSample]) -> BenchRow:
         ttft_p50_ms=round(statistics.median(ttfts) * 1000, 1),
         prompt_tokens=round(statistics.median(s.prompt_tokens for s in samples)),
         completion_tokens=round(statistics.median(s.completion_tokens for s in samples)),
+        waited=max(0, streams - slots) if slots else 0,
     )
 
 
@@ -225,6 +235,26 @@ class _Run:
     async def warm_up(self) -> None:
         prompt = build_prompt(self.prompt_words, next(self.numbers))
         await stream_once(self.client, self.base_url, self.model, prompt, min(self.max_tokens, 4), self.headers)
+
+    async def prompt_cost(self) -> PromptCost:
+        """What the model's tokenizer and chat template make of bench prompts: two short ones."""
+        tokens = []
+        for words in _COST_WORDS:
+            prompt = build_prompt(words, next(self.numbers))
+            sample = await stream_once(self.client, self.base_url, self.model, prompt, 1, self.headers)
+            tokens.append(sample.prompt_tokens)
+        return PromptCost.from_samples(_COST_WORDS, (tokens[0], tokens[1]))
+
+    async def fit(self, context: int, *, fit_prompt: bool, fit_generation: bool) -> Sizes:
+        """Shrink the sizes that may change until prompt and reply fit `context` tokens."""
+        cost = await self.prompt_cost()
+        try:
+            sizes = fit_sizes(context, cost, self.prompt_words, self.max_tokens,
+                              fit_prompt=fit_prompt, fit_generation=fit_generation)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
+        self.prompt_words, self.max_tokens = sizes.prompt_words, sizes.max_tokens
+        return sizes
 
     async def level(self, streams: int) -> list[StreamSample]:
         """`streams` requests at once, with a progress line every few seconds until all have ended."""
@@ -267,11 +297,16 @@ async def run_bench(
     prompt_words: int,
     api_key: str | None,
     progress: Progress,
+    room: ModelRoom | None = None,
+    fit_prompt: bool = False,
+    fit_generation: bool = False,
 ) -> dict[str, Any]:
     """Measure each level in `levels` (after one warm-up request) and return the result to store.
 
-    The result has `headline`, `measured_at`, `rows` and how the tokens were counted; the caller
-    adds the engine's name.
+    With the model's `room` known, the prompt (`fit_prompt`) and the generation (`fit_generation`)
+    shrink where they would not fit its context, and levels with more streams than its slots say
+    how many waited. The result has `headline`, `measured_at`, `rows`, how the tokens were counted
+    and `notes` on what was shrunk or waited; the caller adds the engine's name.
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max(levels) + 1, max_keepalive_connections=max(levels) + 1)
@@ -279,25 +314,40 @@ async def run_bench(
     sources: set[str] = set()
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=REQUEST_TIMEOUT_S), limits=limits) as client:
         run = _Run(client, base_url, model, headers, max_tokens, prompt_words, progress)
+        context = room.context if room is not None else None
+        sizes = None
+        if room is not None and context is not None and (fit_prompt or fit_generation):
+            progress(f"{model}: measuring its prompt tokens, to fit its {context}-token context (from {room.source})")
+            sizes = await run.fit(context, fit_prompt=fit_prompt, fit_generation=fit_generation)
+            if sizes.prompt_shrunk or sizes.generation_shrunk:
+                progress(f"{model}: {run.prompt_words}-word prompt, {run.max_tokens} tokens generated per stream")
         progress(f"{model}: warm-up request")
         await run.warm_up()
+        slots = room.slots if room is not None else None
         for streams in levels:
-            progress(f"{model}: {streams} concurrent stream{'s' if streams != 1 else ''} of {max_tokens} tokens")
+            progress(f"{model}: {streams} concurrent stream{'s' if streams != 1 else ''} of {run.max_tokens} tokens")
             started = time.monotonic()
             samples = await run.level(streams)
-            row = summarize(streams, samples)
+            row = summarize(streams, samples, slots)
             sources.update(s.tokens_from for s in samples)
             rows.append(row)
             progress(f"{model}: {streams} stream(s): {format_rate(row.gen_tps_total)} tok/s gen in total "
                      f"({time.monotonic() - started:.1f}s)")
     single = next((row for row in rows if row.streams == 1), rows[0])
+    notes = [note for note in (
+        shrink_note(context, single.prompt_tokens, run.max_tokens, sizes) if context and sizes else None,
+        *(queue_note(row.streams, slots) for row in rows),
+    ) if note]
     return {
         "model": model,
         "headline": headline(single),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "tokens_from": "+".join(sorted(sources)),
         "prompt_tokens": single.prompt_tokens,
-        "max_tokens": max_tokens,
+        "max_tokens": run.max_tokens,
+        "context": context,
+        "slots": slots,
+        "notes": notes,
         "proxy": base_url,
         "rows": [asdict(row) for row in rows],
     }

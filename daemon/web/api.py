@@ -60,6 +60,9 @@ class ManagementApi:
                 "aliases": profile.aliases,
                 "model": str(profile.model.path or profile.model.hf_repo),
                 "ttl": profile.policy.ttl,
+                # Tokens each request may fill, and requests the engine serves at once.
+                "ctx": profile.launch.ctx,
+                "parallel": profile.launch.parallel,
                 "state": self.manager.instances[name].state.value if name in self.manager.instances else "stopped",
                 "source": str(found.sources[name]),
                 "error": None,
@@ -69,7 +72,7 @@ class ManagementApi:
         ]
         rows += [
             {"name": name, "engine": None, "valid": False, "aliases": [], "model": None, "ttl": None,
-             "state": None, "source": str(found.sources[name]), "error": error, "bench": None}
+             "ctx": None, "parallel": None, "state": None, "source": str(found.sources[name]), "error": error, "bench": None}
             for name, error in found.errors.items()
         ]
         return JSONResponse({"profiles": sorted(rows, key=lambda row: row["name"])})
