@@ -31,6 +31,7 @@ from llmd.daemon.http.listeners import bind_tcp, bind_unix
 from llmd.daemon.manager.core import Manager
 from llmd.daemon.models.profiles import load_profiles
 from llmd.daemon.http.proxy import BearerAuth, Proxy, build_proxy_app
+from llmd.daemon.http.ollama import ollama_api
 from llmd.daemon.http.request_log import RequestLog
 from llmd.daemon.manager.reload import reload_on_sighup
 from llmd.daemon.util.sdnotify import notify, ping_watchdog_forever, started_by_systemd, watchdog_interval
@@ -132,7 +133,9 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     manager.reap_leftovers()
     proxy = Proxy(manager, server.body_timeout)
     # /metrics sits behind the api keys; the request counter sits outside them, so 401s count too.
-    proxy_app = build_proxy_app(proxy, server.api_key_values(), extra_routes=manager.metrics.routes())
+    proxy_app = build_proxy_app(
+        proxy, server.api_key_values(), extra_routes=manager.metrics.routes(), apis=[ollama_api(proxy)]
+    )
     # Nothing on the proxy port reads the client's address or scheme: without the forwarded
     # headers' middleware, every request skips a layer.
     requests = RequestLog(server.request_log, server.log_bodies)

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -418,6 +419,18 @@ class Proxy:
             upstream.close()
         return _Relayed(content, upstream.status, headers)
 
+    async def read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body of a request that a route translates before handing it to `forward`
+        (another API's), read as `forward` reads it; None if the client left while sending it.
+        BadRequest says what to fix: 413 too large, 408 too slow."""
+        try:
+            return await _read_body(scope, receive, self.body_timeout)
+        except TimeoutError:
+            message = f"request body did not arrive within {self.body_timeout:g}s; send the whole body without pausing"
+            raise BadRequest(408, message, headers=_CLOSE) from None
+        except _ClientLeft:
+            return None
+
     async def list_models(self, request: Request) -> Response:
         created = int(time.time())
         data = [
@@ -442,6 +455,19 @@ class ClientApi:
     # Whether a path belongs to it, and its 401 reply for a missing or wrong API key.
     owns: Callable[[str], bool]
     unauthorized: Callable[[str], Response]
+    # Its other routes (model listings, say), served through Starlette's router as /v1/models is.
+    routes: Sequence[Route] = ()
+    # Its error reply (status, message, headers) for a wrong path or method, or a fault of
+    # llmd's own, on a path it owns; None: OpenAI's.
+    error: Callable[[int, str, dict[str, str] | None], Response] | None = None
+
+
+def _error_reply(path: str, apis: Sequence[ClientApi]) -> Callable[[int, str, dict[str, str] | None], Response]:
+    """How an error on `path` is shaped: as the API that owns the path has it, else as OpenAI's."""
+    for api in apis:
+        if api.error is not None and api.owns(path):
+            return api.error
+    return lambda status, message, headers: error_response(status, message, headers=headers)
 
 
 class _ModelRoutesFirst:
@@ -462,23 +488,24 @@ class _ModelRoutesFirst:
             await self.router(scope, receive, send)
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception, apis: Sequence[ClientApi] = ()) -> Response:
     assert isinstance(exc, HTTPException)
+    reply = _error_reply(request.url.path, apis)
     if exc.status_code == 404:
         served = f"{', '.join(MODEL_ROUTES)} and {MODELS_LIST_ROUTE}"
-        return error_response(404, f"no route {request.method} {request.url.path}; llmd serves {served}")
+        return reply(404, f"no route {request.method} {request.url.path}; llmd serves {served}", None)
     if exc.status_code == 405:
         # Starlette lists the methods in set order; sorted, the message reads the same every time.
         allowed = ", ".join(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()))
-        return error_response(
-            405, f"method {request.method} is not allowed on {request.url.path}; use {allowed}", headers=exc.headers
-        )
-    return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+        return reply(405, f"method {request.method} is not allowed on {request.url.path}; use {allowed}", exc.headers)
+    return reply(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", None)
 
 
-async def _internal_error(request: Request, exc: Exception) -> Response:
+async def _internal_error(request: Request, exc: Exception, apis: Sequence[ClientApi] = ()) -> Response:
     # Starlette's error middleware raises `exc` again once this is sent: uvicorn logs it.
-    return _failure_reply(request.method, request.url.path, exc)
+    reply = _error_reply(request.url.path, apis)
+    message = f"llmd failed on {request.method} {request.url.path}: {exc!r}; the daemon's log has the details"
+    return reply(500, message, None)
 
 
 def build_proxy_app(
@@ -493,9 +520,11 @@ def build_proxy_app(
         # Their POSTs never get here (`_ModelRoutesFirst`): the routes make other methods a 405.
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()),
         Route(MODELS_LIST_ROUTE, proxy.list_models, methods=["GET"]),
+        *(route for api in apis for route in api.routes),
         *extra_routes,
     ]
-    router = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    handlers = {HTTPException: partial(_http_error, apis=apis), Exception: partial(_internal_error, apis=apis)}
+    router = Starlette(routes=routes, exception_handlers=handlers)
     app = _ModelRoutesFirst(endpoints, router)
     if not api_keys:
         return app

@@ -272,6 +272,13 @@ class Manager:
         """A proxied request to this engine failed: check its health now, not at the next tick."""
         inst.probe_now.set()
 
+    def keep_alive(self, name: str, seconds: float) -> None:
+        """Stop the model after `seconds` idle (0: as soon as it is idle; math.inf: never),
+        instead of after its profile's TTL, until it stops (Ollama's `keep_alive`)."""
+        inst = self.instance(name)
+        if inst.state in (State.READY, State.SLEEPING):
+            inst.keep_alive = seconds
+
     async def pull(self, name: str) -> Path:
         """Download (or update) a model's files without loading it."""
         inst = self.instance(name)
@@ -340,6 +347,7 @@ class Manager:
         inst.parked = None
         inst.state = state
         inst.progress = ""
+        inst.keep_alive = None  # a client's keep_alive lasts until the model stops
         self.clear_claim(inst)
         self.ledger.remove(inst.name)
         inst.stopped.set()
@@ -379,7 +387,7 @@ class Manager:
             await anyio.sleep(IDLE_CHECK_SECONDS)
             now = time.monotonic()
             for name, inst in list(self.instances.items()):
-                ttl = inst.profile.policy.ttl_seconds
+                ttl = inst.idle_ttl()
                 if (
                     ttl is not None
                     # A parked model past its TTL is stopped too, giving back its host RAM.

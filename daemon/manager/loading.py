@@ -23,7 +23,7 @@ from llmd.daemon.errors import EngineStartError, LlmdError, NoRoomError
 from llmd.daemon.http.upstream import Pool
 from llmd.daemon.manager.admission import hold_after
 from llmd.daemon.manager.state import ENGINE_HOST, Instance, Load, State, close_client, engine_log_path, looks_like_oom
-from llmd.daemon.models.downloads import resolve_cached
+from llmd.daemon.models.downloads import DownloadProgress, resolve_cached
 from llmd.daemon.models.profiles import Profile
 from llmd.daemon.models.pull import fetch_model
 from llmd.daemon.placement.estimate import launch_estimator
@@ -341,10 +341,14 @@ class Loader:
         def show(line: str) -> None:
             inst.progress = f"downloading {line}"
 
+        def count(progress: DownloadProgress) -> None:
+            inst.download = progress
+
         try:
-            return await fetch_model(profile.model, show, update=update)
+            return await fetch_model(profile.model, show, on_download=count, update=update)
         finally:
             inst.progress = ""
+            inst.download = None
 
     def _ports_in_use(self) -> set[int]:
         return {inst.engine.port for inst in self.manager.instances.values() if inst.engine is not None}

@@ -6,6 +6,7 @@ Only the manager and its collaborators change these objects, on the event loop (
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -20,6 +21,7 @@ from llmd.daemon.engines.supervisor import EngineProcess
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.http.upstream import Pool
 from llmd.daemon.manager.admission import Gate
+from llmd.daemon.models.downloads import DownloadProgress
 from llmd.daemon.models.profiles import Profile
 from llmd.daemon.placement.estimate import GPU_OVERHEAD_MIB
 from llmd.daemon.placement.scheduler import RunningModel
@@ -102,6 +104,18 @@ class Instance:
     parked: dict[int, int] | None = None
     settled: anyio.Event = field(default_factory=anyio.Event)
     wake_seconds: float | None = None
+    # While the model's files download: the latest report, with byte counts (`progress` has it
+    # as a line for people).
+    download: DownloadProgress | None = None
+    # The idle TTL a client asked for (Ollama's `keep_alive`), in place of the profile's until
+    # the model stops: 0 stops it once idle, math.inf never. None: the profile's TTL.
+    keep_alive: float | None = None
+
+    def idle_ttl(self) -> float | None:
+        """Seconds of idleness after which the model is stopped; None: never."""
+        if self.keep_alive is not None:
+            return None if self.keep_alive == math.inf else self.keep_alive
+        return self.profile.policy.ttl_seconds
 
     def __post_init__(self) -> None:
         self.gate = Gate(self.profile.name)

@@ -25,6 +25,7 @@ async def fetch_model(
     source: ModelSource,
     on_progress: Callable[[str], None],
     *,
+    on_download: Callable[[DownloadProgress], None] | None = None,
     update: bool = False,
     token: str | None = None,
     endpoint: str | None = None,
@@ -38,7 +39,8 @@ async def fetch_model(
     and anything new is fetched.
 
     `on_progress` gets one human line at a time ("x.gguf 312.4/639.4 MiB 48.2 MiB/s ETA 7s"),
-    always on the event loop's thread. Cancelling the calling task stops the transfer; the
+    always on the event loop's thread; `on_download`, when given, gets the same reports as
+    they are (byte counts, for Ollama's pull progress). Cancelling the calling task stops the transfer; the
     bytes already fetched stay in the cache and the next call resumes from them. Errors are
     `llmd.daemon.models.downloads.DownloadError` subclasses.
     """
@@ -68,6 +70,8 @@ async def fetch_model(
             current = latest.value
             if current is not None and current is not shown:
                 on_progress(current.line())
+                if on_download is not None:
+                    on_download(current)
                 shown = current
 
     try:
@@ -89,6 +93,8 @@ async def fetch_model(
         raise outcome
     if latest.value is not None:
         on_progress(latest.value.line())
+        if on_download is not None:
+            on_download(latest.value)
     return outcome
 
 

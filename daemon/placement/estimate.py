@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_UBATCH",
     "Estimate",
     "EstimateError",
+    "GgufHeader",
     "ModelShape",
     "cache_bytes_per_element",
     "compute_bytes",
@@ -50,6 +51,7 @@ __all__ = [
     "estimate_profile",
     "kv_cells",
     "launch_estimator",
+    "read_gguf_header",
 ]
 
 # llama.cpp's default micro-batch (`-ub`): the compute buffer is sized for this many tokens.
@@ -246,6 +248,33 @@ def _read_gguf(path: Path) -> tuple[dict[str, Any], _GgufTensors]:
             # Embeddings, output head, final norm, and extra prediction layers past block_count.
             non_layer += size
     return metadata, _GgufTensors(tuple(layers), tuple(experts), non_layer, sum(s for _, s in sizes))
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """What a GGUF model says of itself: its metadata (scalars and short arrays; a long array,
+    such as the token list, is None) and its parameter count, over every part of a split file."""
+
+    metadata: dict[str, Any]
+    parameters: int
+
+
+def read_gguf_header(path: Path) -> GgufHeader:
+    """The header of the GGUF model at `path`, for describing the model (Ollama's /api/show);
+    EstimateError if it cannot be read. Reads headers only, as the estimate does."""
+    import gguf
+
+    metadata: dict[str, Any] = {}
+    parameters = 0
+    for part in _gguf_parts(Path(path)):
+        try:
+            reader = gguf.GGUFReader(part, "r")
+        except (ValueError, OSError, struct.error, IndexError) as exc:
+            raise EstimateError(f"{part}: not a readable GGUF file ({exc})") from None
+        if not metadata:
+            metadata = {key: None if isinstance(value, _Length) else value for key, value in _gguf_metadata(reader).items()}
+        parameters += sum(int(tensor.n_elements) for tensor in reader.tensors)
+    return GgufHeader(metadata, parameters)
 
 
 def _gguf_parts(path: Path) -> list[Path]:
