@@ -387,7 +387,8 @@ def generate_call(payload: dict[str, Any], model: str, ctx: int) -> EngineCall:
         if payload.get("images"):
             raise OllamaRequestError("images need the model's chat template: send them without \"raw\": true")
         fields.pop("chat_template_kwargs", None)
-        body = {"model": model, "prompt": (system + "\n\n" + prompt) if system else prompt, **fields}
+        # As in Ollama, a raw prompt is sent as it is: `system` belongs to the template it skips.
+        body = {"model": model, "prompt": prompt, **fields}
         _streaming(body, stream)
         return EngineCall(COMPLETIONS, body, stream, parse_keep_alive(payload.get("keep_alive")), warnings)
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
