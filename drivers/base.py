@@ -82,6 +82,10 @@ class LaunchRequest:
     # planner's cache, which already holds the one the scheduler placed the model with.
     # None: no estimate (`planned_estimate` returns None).
     estimator: Estimator | None = None
+    # Set when the profile asks to keep the prompt cache across restarts (`[policy] persist_kv`)
+    # and the driver says it can (`supports_persist_kv`): the directory, owned by llmd, where the
+    # engine must read and write its saved cache. The driver then returns a `KvPersistence`.
+    kv_dir: Path | None = None
 
 
 def planned_estimate(request: LaunchRequest) -> Estimate | None:
@@ -127,6 +131,28 @@ class SleepControl:
 
 
 @dataclass(frozen=True)
+class KvPersistence:
+    """How an engine saves its prompt cache to files and loads it back (llama-server's slot
+    save and restore), so that a model stopped and started again answers a conversation it has
+    seen without processing its prompt again.
+
+    The engine reads and writes the files in `directory` (the request's `kv_dir`). For each of
+    its `slots` (numbered from 0), a POST to `save_path` or `restore_path`, with `{slot}` filled
+    in and the JSON body `{"filename": NAME}`, saves the slot's cache to `directory/NAME` or
+    loads it back, answering 200 once done (with `n_saved` / `n_restored` tokens, as
+    llama-server does). A GET of `slots_path`, when the engine has it, lists the slots, so that
+    llmd saves only those holding a prompt. llmd chooses the file names, checks each file before
+    it is restored, and drops any it cannot trust.
+    """
+
+    directory: Path
+    slots: int = 1
+    save_path: str = "/slots/{slot}?action=save"
+    restore_path: str = "/slots/{slot}?action=restore"
+    slots_path: str | None = "/slots"
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """The exact process to start. argv is never passed through a shell."""
 
@@ -135,6 +161,9 @@ class LaunchSpec:
     readiness: Readiness = Readiness()
     # Set when the engine can be parked (see SleepControl); None: eviction stops it.
     sleep: SleepControl | None = None
+    # Set when the engine was started to keep its prompt cache across restarts (see
+    # KvPersistence); None: a stop loses it.
+    kv: KvPersistence | None = None
 
 
 class Driver(Protocol):
@@ -143,6 +172,10 @@ class Driver(Protocol):
     A driver may also implement `load_progress(log_line) -> str | None` (see `ReportsLoadProgress`)
     to turn the engine's log lines into progress while it loads. It is optional: call it through
     `load_progress(driver, line)`, which works for drivers with and without it.
+
+    A driver whose engine can save and restore its prompt cache sets `supports_persist_kv = True`
+    and, for a request with `kv_dir`, returns a `KvPersistence` in its `LaunchSpec`. Profiles that
+    set `[policy] persist_kv` for an engine without it are refused (see `persists_kv`).
 
     A driver may also declare `native_routes`, the client API routes its engine serves itself
     (see `NATIVE_ROUTES`). It is optional too: read it through `native_routes(driver)`.
@@ -208,6 +241,12 @@ def native_routes(driver: Driver) -> frozenset[str]:
     if not isinstance(declared, set | frozenset | tuple | list):
         return frozenset()
     return frozenset(route for route in declared if route in NATIVE_ROUTES)
+
+
+def persists_kv(driver: Driver) -> bool:
+    """Whether `driver`'s engine can save and restore its prompt cache (its
+    `supports_persist_kv`); False for a driver that does not say."""
+    return getattr(driver, "supports_persist_kv", False) is True
 
 
 def cache_type_args(engine: str, flag: str, names: dict[str, str | None], cache_type: str) -> list[str]:

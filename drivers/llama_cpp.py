@@ -8,6 +8,7 @@ behind the scheduler's back.
 from __future__ import annotations
 
 from .base import ANTHROPIC_COUNT_TOKENS, ANTHROPIC_MESSAGES, OPENAI_RESPONSES, LaunchRequest, LaunchSpec, Placement, Readiness
+from .base import KvPersistence
 from .hookspecs import hookimpl
 
 # More layers than any model has: "all layers on the GPU".
@@ -27,9 +28,17 @@ def placement_args(placement: Placement) -> list[str]:
     return args
 
 
+def kv_args(request: LaunchRequest) -> list[str]:
+    """`--slot-save-path` when llmd keeps the prompt cache across restarts: the slots are then
+    saved to and restored from that directory through `POST /slots/ID?action=save|restore`."""
+    return [] if request.kv_dir is None else ["--slot-save-path", str(request.kv_dir)]
+
+
 class LlamaCppDriver:
     name = "llama-cpp"
     default_command = ["llama-server"]
+    # llama-server saves and restores each slot's prompt cache (`--slot-save-path`).
+    supports_persist_kv = True
     # llama-server serves Anthropic's Messages (tool use included, through its jinja chat
     # templates) and OpenAI's Responses itself, and counts a Messages request's tokens.
     native_routes = frozenset({ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS, OPENAI_RESPONSES})
@@ -50,12 +59,14 @@ class LlamaCppDriver:
             "--cache-type-v", launch.cache_type,
             "--fit", "off",
             *placement_args(placement),
+            *kv_args(request),
             *launch.extra_args,
         ]
         env = {**request.env, **launch.env}
         # An empty CUDA_VISIBLE_DEVICES keeps a CUDA build off every card for a CPU placement.
         env["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices()
-        return LaunchSpec(argv=argv, env=env, readiness=Readiness(path="/health"))
+        kv = KvPersistence(directory=request.kv_dir, slots=launch.parallel) if request.kv_dir is not None else None
+        return LaunchSpec(argv=argv, env=env, readiness=Readiness(path="/health"), kv=kv)
 
     def load_progress(self, log_line: str) -> str | None:
         """The loading phase a llama-server log line marks, or None.

@@ -14,6 +14,7 @@ argv checks, so a placement change that one driver forgets shows up here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -30,7 +31,7 @@ from llmd.daemon.errors import EngineNotInstalledError
 from llmd.daemon.placement.estimate import launch_estimator
 from llmd.daemon.models.profiles import Profile
 from llmd.daemon.engines.supervisor import EngineProcess, free_port, spawn_engine
-from llmd.drivers.base import GpuShare, LaunchRequest, LaunchSpec, Placement, load_progress
+from llmd.drivers.base import GpuShare, LaunchRequest, LaunchSpec, Placement, load_progress, persists_kv
 from llmd.drivers.registry import load_drivers
 
 DRIVERS = load_drivers()
@@ -196,6 +197,22 @@ def test_vllm_cpu_kv_space_and_sleep_mode(models: dict[str, Path]) -> None:
     request.profile.launch.env["LLMD_VLLM_SLEEP_MODE"] = "1"
     by_env = driver.launch(request)
     assert "--enable-sleep-mode" in by_env.argv and by_env.env["VLLM_SERVER_DEV_MODE"] == "1"
+
+
+@pytest.mark.parametrize("engine", _engine_params(slow_vllm=False))
+def test_kv_persistence_is_declared_and_kept(engine: str, models: dict[str, Path], tmp_path: Path) -> None:
+    """A driver that says it can persist the prompt cache returns how, for a request with a
+    kv_dir, in that directory; one that does not say so is never asked (profiles are refused)."""
+    driver = DRIVERS[engine]
+    request = _request(engine, PLACEMENTS["cpu"], _model_for(engine, models), extra_args=[])
+    assert driver.launch(request).kv is None
+    if engine in BUILTIN:
+        assert persists_kv(driver) == (engine == "llama-cpp")
+    if not persists_kv(driver):
+        return
+    spec = driver.launch(dataclasses.replace(request, kv_dir=tmp_path))
+    assert spec.kv is not None and spec.kv.directory == tmp_path and spec.kv.slots >= 1
+    assert "{slot}" in spec.kv.save_path and "{slot}" in spec.kv.restore_path
 
 
 def test_unsupported_cache_type_is_refused_with_the_fix(models: dict[str, Path]) -> None:

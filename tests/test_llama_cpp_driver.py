@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from llmd.daemon.models.profiles import Profile
@@ -56,3 +57,19 @@ def test_offload_layers_and_moe_experts() -> None:
     spec = LlamaCppDriver().launch(_request(placement))
     assert _flag(spec.argv, "-ngl") == "20"
     assert _flag(spec.argv, "--n-cpu-moe") == "12"
+
+
+def test_a_kv_dir_adds_the_slot_save_path_and_says_how_to_use_it() -> None:
+    request = dataclasses.replace(_request(Placement(ctx=2048), parallel=3), kv_dir=Path("/state/kv/qwen/abc"))
+    spec = LlamaCppDriver().launch(request)
+    assert _flag(spec.argv, "--slot-save-path") == "/state/kv/qwen/abc"
+    assert spec.argv[-2:] == ["--jinja", "a b; rm -rf /"]  # the user's own flags stay last
+    assert spec.kv is not None
+    assert spec.kv.directory == Path("/state/kv/qwen/abc") and spec.kv.slots == 3
+    assert spec.kv.save_path.format(slot=2) == "/slots/2?action=save"
+    assert spec.kv.restore_path.format(slot=0) == "/slots/0?action=restore"
+
+
+def test_without_a_kv_dir_nothing_is_saved() -> None:
+    spec = LlamaCppDriver().launch(_request(Placement(ctx=2048)))
+    assert "--slot-save-path" not in spec.argv and spec.kv is None
