@@ -29,8 +29,10 @@ from llmd.daemon.http.client_link import LinkedHttpProtocol
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.http.listeners import bind_tcp, bind_unix
 from llmd.daemon.manager.core import Manager
-from llmd.daemon.models.profiles import kv_engines_of, load_profiles
+from llmd.daemon.models.profiles import load_profiles
+from llmd.daemon.http.anthropic import anthropic_api
 from llmd.daemon.http.proxy import BearerAuth, Proxy, build_proxy_app
+from llmd.daemon.http.responses_api import responses_api
 from llmd.daemon.http.ollama import ollama_api
 from llmd.daemon.http.request_log import RequestLog
 from llmd.daemon.manager.reload import reload_on_sighup
@@ -121,7 +123,7 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     # Read before anything else runs: the environment systemd started the daemon with.
     systemd_variable = started_by_systemd()
     drivers = load_drivers()
-    profiles = load_profiles(server.profile_dirs, set(drivers), server.model_dirs, kv_engines_of(drivers))
+    profiles = load_profiles(server.profile_dirs, set(drivers), server.model_dirs)
     for error in profiles.errors.values():
         log.error("skipping invalid profile: %s", error)
     server.state_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,10 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     proxy = Proxy(manager, server.body_timeout)
     # /metrics sits behind the api keys; the request counter sits outside them, so 401s count too.
     proxy_app = build_proxy_app(
-        proxy, server.api_key_values(), extra_routes=manager.metrics.routes(), apis=[ollama_api(proxy)]
+        proxy,
+        server.api_key_values(),
+        extra_routes=manager.metrics.routes(),
+        apis=[anthropic_api(proxy), responses_api(proxy), ollama_api(proxy)],
     )
     # Nothing on the proxy port reads the client's address or scheme: without the forwarded
     # headers' middleware, every request skips a layer.

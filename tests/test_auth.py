@@ -82,6 +82,18 @@ def test_any_configured_key_works_and_is_not_forwarded(keyed, key: str) -> None:
     assert forwarded.headers["x-trace"] == "kept"
 
 
+def test_a_key_is_also_accepted_as_x_api_key_and_not_forwarded(keyed) -> None:  # type: ignore[no-untyped-def]
+    client, engine = keyed
+    assert client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": OTHER_KEY}).status_code == 200
+    assert client.get("/v1/models", headers={"x-api-key": KEY}).status_code == 200
+    # A wrong x-api-key is refused, unless the Authorization header carries a good key.
+    refused = client.get("/v1/models", headers={"x-api-key": WRONG_KEY})
+    assert "the x-api-key header was not accepted" in assert_openai_error(refused, 401) and WRONG_KEY not in refused.text
+    assert client.get("/v1/models", headers={"x-api-key": WRONG_KEY, "authorization": f"Bearer {KEY}"}).status_code == 200
+    (forwarded,) = engine.requests
+    assert "x-api-key" not in forwarded.headers and "authorization" not in forwarded.headers
+
+
 def test_every_key_is_compared_in_constant_time(keyed, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     client, _ = keyed
     calls: list[tuple[bytes, bytes]] = []

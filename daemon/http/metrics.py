@@ -41,12 +41,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llmd.daemon.http.anthropic_errors import ANTHROPIC_ROUTES
 from llmd.daemon.http.client_link import BODY_TAP_KEY, client_link
 from llmd.daemon.http.gpu_energy import CardsOf, GpuEnergy
 from llmd.daemon.http.ollama_errors import NDJSON, OLLAMA_ROUTES
 from llmd.daemon.http.openai_errors import CLIENT_GONE, MODEL_ROUTES, MODELS_LIST_ROUTE
 from llmd.daemon.http.request_log import BodyCapture, RequestLog, RequestRecord, api_of, logged_path
 from llmd.daemon.http.upstream import find_header
+from llmd.drivers.base import OPENAI_RESPONSES
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ METRICS_PATH = "/metrics"
 NO_MODEL = ""
 # Paths counted under their own name; anything else is "other", so that clients probing
 # random paths cannot create unbounded label values.
-_ENDPOINTS = frozenset({*MODEL_ROUTES, MODELS_LIST_ROUTE, *OLLAMA_ROUTES})
+_ENDPOINTS = frozenset({*MODEL_ROUTES, MODELS_LIST_ROUTE, *OLLAMA_ROUTES, *ANTHROPIC_ROUTES, OPENAI_RESPONSES})
 # The label of requests to a path no API of llmd's serves.
 NO_API = "other"
 # Replies that stream: server-sent events (OpenAI's API), or a JSON object a line (Ollama's).
@@ -334,6 +336,31 @@ def _value_after(text: str, key: str) -> object:
     return value
 
 
+def _values_after(text: str, key: str) -> list[object]:
+    """The JSON value after each `"key":` in `text`, in order (`_value_after` for every one):
+    an Anthropic stream may carry two `usage` objects in one chunk. An occurrence followed by no
+    colon is a string value, not a key, and is passed over."""
+    values: list[object] = []
+    at = text.find(key)
+    while at >= 0:
+        after = at + len(key)
+        colon = _COLON.match(text, after)
+        if colon is None:
+            if not text[after:].strip():
+                values.append(_CUT_OFF)  # the colon is in the next chunk
+                break
+            at = text.find(key, after)
+            continue
+        try:
+            value, end = _DECODER.raw_decode(text, colon.end())
+        except json.JSONDecodeError:
+            values.append(_CUT_OFF)
+            break
+        values.append(value)
+        at = text.find(key, end)
+    return values
+
+
 def _number(values: dict[str, Any], key: str) -> float | None:
     value = values.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
@@ -370,8 +397,8 @@ class _EngineReport:
         assert self.capture is not None
         text = self.capture.decode("utf-8", "replace")
         timings = _value_after(text, '"timings"')
-        usage = _value_after(text, '"usage"')
-        if timings is _CUT_OFF or usage is _CUT_OFF:
+        usages = _values_after(text, '"usage"')
+        if timings is _CUT_OFF or any(usage is _CUT_OFF for usage in usages):
             if len(self.capture) > MAX_CAPTURE_BYTES:
                 self.capture = None  # not a reply we can read; keep what was found before
             return
@@ -379,8 +406,11 @@ class _EngineReport:
         # Later values replace earlier ones: llama-server may send timings with every chunk.
         if isinstance(timings, dict):
             self.timings = timings
-        if isinstance(usage, dict):
-            self.usage = usage
+        for usage in usages:
+            if isinstance(usage, dict):
+                # Merged, key by key: an Anthropic stream counts the input tokens in its first
+                # event and the output tokens in its last.
+                self.usage = usage if self.usage is None else {**self.usage, **usage}
 
     def record(self, metrics: Metrics, model: str) -> None:
         if self.timings is not None:
@@ -399,7 +429,15 @@ class _EngineReport:
         """From `usage`; without it (llama-server's streams), from `timings`, where the prompt
         is the part processed now plus the part reused from the cache."""
         if self.usage is not None:
-            return _number(self.usage, "prompt_tokens"), _number(self.usage, "completion_tokens")
+            prompt, completion = _number(self.usage, "prompt_tokens"), _number(self.usage, "completion_tokens")
+            if prompt is None and completion is None:
+                # Anthropic's Messages and OpenAI's Responses count input and output tokens;
+                # Anthropic's input leaves out the prompt read from (or written to) the cache.
+                given = _number(self.usage, "input_tokens")
+                cached = [_number(self.usage, key) or 0.0 for key in ("cache_read_input_tokens", "cache_creation_input_tokens")]
+                prompt = None if given is None else given + sum(cached)
+                completion = _number(self.usage, "output_tokens")
+            return prompt, completion
         if self.timings is not None:
             processed, cached = _number(self.timings, "prompt_n"), _number(self.timings, "cache_n")
             prompt = None if processed is None else processed + (cached or 0.0)

@@ -42,12 +42,12 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 # Longer than any model name or alias can be; longer values are not echoed back in a 404.
 MAX_MODEL_CHARS = 256
 DEFAULT_BODY_TIMEOUT = 30.0
-# Headers that describe one hop, or that upstream must compute itself. `authorization` carries
-# the proxy's API key, which engines must never see. `expect` was answered by llmd's own server;
-# the body is sent with the request, so the engine has nothing to continue.
+# Headers that describe one hop, or that upstream must compute itself. `authorization` and
+# `x-api-key` carry the proxy's API key, which engines must never see. `expect` was answered by
+# llmd's own server; the body is sent with the request, so the engine has nothing to continue.
 _HOP_HEADERS = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade", b"host", b"content-length",
-     b"proxy-authorization", b"proxy-connection", b"authorization", b"expect"}
+     b"proxy-authorization", b"proxy-connection", b"authorization", b"x-api-key", b"expect"}
 )
 # After a 401, 408 or 413 the rest of the body is not wanted: close instead of reading it to the end.
 _CLOSE = {"Connection": "close"}

@@ -16,8 +16,10 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from llmd.daemon.http.anthropic_errors import ANTHROPIC_ROUTES
 from llmd.daemon.http.ollama_errors import OLLAMA_ROUTES
 from llmd.daemon.http.openai_errors import MODEL_ROUTES, MODELS_LIST_ROUTE
+from llmd.drivers.base import OPENAI_RESPONSES
 
 # The request and reply bodies of a logged request are each cut to this many bytes: enough for
 # a prompt and its answer, while 200 requests still fit in a few MiB.
@@ -29,12 +31,13 @@ MAX_REQUEST_LOG = 100_000
 MAX_PATH_CHARS = 200
 # Which API each path the proxy serves belongs to; other paths are answered with a 404 and
 # belong to none.
-_APIS = {route: "openai" for route in (*MODEL_ROUTES, MODELS_LIST_ROUTE)}
+_APIS = {route: "openai" for route in (*MODEL_ROUTES, MODELS_LIST_ROUTE, OPENAI_RESPONSES)}
 _APIS.update({route: "ollama" for route in OLLAMA_ROUTES})
+_APIS.update({route: "anthropic" for route in ANTHROPIC_ROUTES})
 
 
 def api_of(path: str) -> str | None:
-    """The API a request's path belongs to ("openai", "ollama"), or None for a path llmd does not serve."""
+    """The API a request's path belongs to ("openai", "ollama", "anthropic"), or None for a path llmd does not serve."""
     return _APIS.get(path)
 
 
