@@ -92,6 +92,9 @@ class ServerConfig(BaseModel):
     request_log: Annotated[int, Field(ge=0, le=100_000)] = 200
     # Whether the request log also keeps each request's and reply's body (the first 32 KiB of each).
     log_bodies: bool = False
+    # Disk that saved prompt caches (profiles with `[policy] persist_kv`) may take in all, under
+    # state_dir/kv; past it, the least recently used saves are deleted first.
+    kv_max_gib: Annotated[float, Field(ge=0, le=1_048_576)] = 16.0
 
     @model_validator(mode="before")
     @classmethod

@@ -102,3 +102,16 @@ def test_bad_durations(text: str) -> None:
 
 def test_format_duration() -> None:
     assert [format_duration(s) for s in (None, 5, 303, 7800, 90000)] == ["-", "5s", "5m03s", "2h10m", "1d1h"]
+
+
+def test_persist_kv_settings(tmp_path: Path) -> None:
+    profile = load_profile(write(tmp_path, "m", GOOD), {"llama-cpp"})
+    assert profile.policy.persist_kv is False and profile.policy.kv_save_timeout_seconds == 5.0
+    text = 'engine = "llama-cpp"\n[model]\npath = "/x"\n[policy]\npersist_kv = true\nkv_save_timeout = "500ms"\n'
+    profile = load_profile(write(tmp_path, "kept", text), {"llama-cpp"}, (), {"llama-cpp"})
+    assert profile.policy.persist_kv and profile.policy.kv_save_timeout_seconds == 0.5
+    for bad in ("never", "0", "soon"):
+        with pytest.raises(ConfigError, match="policy.kv_save_timeout"):
+            load_profile(write(tmp_path, "bad", text.replace("500ms", bad)), {"llama-cpp"})
+    with pytest.raises(ConfigError, match="the vllm engine cannot save and restore its prompt cache"):
+        load_profile(write(tmp_path, "v", text.replace("llama-cpp", "vllm")), {"llama-cpp", "vllm"}, (), {"llama-cpp"})

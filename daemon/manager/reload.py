@@ -12,7 +12,7 @@ import anyio
 from llmd.daemon.config import DaemonConfig, load_config
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.manager.core import Manager
-from llmd.daemon.models.profiles import ProfileSet, load_profiles
+from llmd.daemon.models.profiles import ProfileSet, kv_engines_of, load_profiles
 from llmd.daemon.util.sdnotify import notify
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,9 @@ _SECTIONS_NEEDING_RESTART = ("metrics", "dashboard")
 def reload_profiles(manager: Manager, config: DaemonConfig) -> tuple[ProfileSet, dict[str, list[str]]]:
     """Read the profiles from `config`'s dirs and hand them to the manager, which restarts only
     the models whose profile changed. Returns the profiles found and what changed."""
-    profiles = load_profiles(config.server.profile_dirs, set(manager.drivers), config.server.model_dirs)
+    profiles = load_profiles(
+        config.server.profile_dirs, set(manager.drivers), config.server.model_dirs, kv_engines_of(manager.drivers)
+    )
     for error in profiles.errors.values():
         log.error("skipping invalid profile: %s", error)
     changes = manager.reload(config, profiles)

@@ -6,7 +6,7 @@ clear error per invalid file.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +17,7 @@ from llmd.daemon.util.durations import parse_duration
 from llmd.daemon.errors import ConfigError
 from llmd.daemon.models.names import NAME_PATTERN, check_model_name  # noqa: F401 (re-exported)
 from llmd.daemon.util.validation import read_toml, validate_file_data
+from llmd.drivers.base import Driver, persists_kv
 from llmd.drivers.settings import LaunchSettings
 
 _Strict = ConfigDict(extra="forbid")
@@ -69,6 +70,12 @@ class Policy(BaseModel):
     # Requests that may wait for a slot; past it a request is refused with 429. Unset, no cap
     # (each still waits at most `[server] queue_timeout`).
     max_queue: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    # Save the engine's prompt cache before every planned stop and restore it at the next start,
+    # so a long conversation survives an unload, an eviction or a restart (engines whose driver
+    # supports it: llama.cpp).
+    persist_kv: bool = False
+    # The longest a stop waits for those saves; a save that would take longer is skipped.
+    kv_save_timeout: str = "5s"
 
     @field_validator("ttl")
     @classmethod
@@ -76,9 +83,21 @@ class Policy(BaseModel):
         parse_duration(value)
         return value
 
+    @field_validator("kv_save_timeout")
+    @classmethod
+    def _check_kv_save_timeout(cls, value: str) -> str:
+        seconds = parse_duration(value)
+        if seconds is None or seconds <= 0:
+            raise ValueError(f'{value!r} is not a time limit; write it like "5s" or "500ms"')
+        return value
+
     @property
     def ttl_seconds(self) -> float | None:
         return parse_duration(self.ttl)
+
+    @property
+    def kv_save_timeout_seconds(self) -> float:
+        return parse_duration(self.kv_save_timeout) or 0.0
 
 
 class Profile(BaseModel):
@@ -121,13 +140,17 @@ class ProfileSet:
 
 
 def load_profile(
-    path: Path, known_engines: set[str] | None = None, model_dirs: Sequence[Path] = ()
+    path: Path,
+    known_engines: set[str] | None = None,
+    model_dirs: Sequence[Path] = (),
+    kv_engines: Collection[str] | None = None,
 ) -> Profile:
     """Read one profile file; raise ConfigError naming the file, the field and the fix.
 
     With `model_dirs`, a local model path must lie inside one of them once symlinks and `..`
     are resolved, and the profile then names the resolved file, so the engine opens exactly
-    the file that was checked.
+    the file that was checked. With `kv_engines` (the engines whose driver can save and restore
+    a prompt cache), `[policy] persist_kv` is refused for any other engine.
     """
     try:
         name = check_model_name(path.stem)
@@ -139,6 +162,12 @@ def load_profile(
     if known_engines is not None and profile.engine not in known_engines:
         raise ConfigError(
             f"{path}: engine: unknown engine {profile.engine!r}; use one of: {', '.join(sorted(known_engines))}"
+        )
+    if profile.policy.persist_kv and kv_engines is not None and profile.engine not in kv_engines:
+        able = ", ".join(sorted(kv_engines)) or "none of the installed drivers"
+        raise ConfigError(
+            f"{path}: policy.persist_kv: the {profile.engine} engine cannot save and restore its prompt cache "
+            f"(engines that can: {able}); remove persist_kv from this profile"
         )
     if profile.model.path is not None and not profile.model.path.is_absolute():
         profile.model.path = (path.parent / profile.model.path).resolve()
@@ -160,12 +189,21 @@ def _inside_model_dirs(profile_path: Path, model_path: Path, model_dirs: Sequenc
     )
 
 
+def kv_engines_of(drivers: Mapping[str, Driver]) -> set[str]:
+    """The engines among `drivers` that can save and restore a prompt cache (`persist_kv`)."""
+    return {name for name, driver in drivers.items() if persists_kv(driver)}
+
+
 def load_profiles(
-    dirs: list[Path], known_engines: set[str] | None = None, model_dirs: Sequence[Path] = ()
+    dirs: list[Path],
+    known_engines: set[str] | None = None,
+    model_dirs: Sequence[Path] = (),
+    kv_engines: Collection[str] | None = None,
 ) -> ProfileSet:
     """Every `*.toml` in `dirs`. A name or alias already taken is an error for the later file.
 
-    `model_dirs`, when not empty, confines local model paths (see `load_profile`)."""
+    `model_dirs`, when not empty, confines local model paths; `kv_engines` checks
+    `persist_kv` (see `load_profile`)."""
     result = ProfileSet()
     for directory in dirs:
         if not directory.is_dir():
@@ -173,7 +211,7 @@ def load_profiles(
         for path in sorted(directory.glob("*.toml")):
             key = path.stem
             try:
-                profile = load_profile(path, known_engines, model_dirs)
+                profile = load_profile(path, known_engines, model_dirs, kv_engines)
             except ConfigError as exc:
                 result.errors[key] = str(exc)
                 result.sources[key] = path
