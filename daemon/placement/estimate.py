@@ -2,7 +2,9 @@
 
 The scheduler must decide where a model goes before the engine allocates anything, so the
 estimate comes from file headers only: GGUF metadata and tensor infos (memory-mapped, no tensor
-data read), or an HF checkpoint's `config.json` and safetensors JSON headers.
+data read), or an HF checkpoint's `config.json` and safetensors JSON headers. A GGUF on the
+Hugging Face Hub that is not downloaded yet is estimated from its headers alone
+(`HeaderOnlyGguf`, read with HTTP range requests by `models.remote_gguf`).
 
 Four parts, matching the four buffers llama-server reports with `-lv 4`:
 
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmd.daemon.errors import LlmdError
+from llmd.daemon.placement.gguf_header import ArrayLength as _Length
+from llmd.daemon.placement.gguf_header import HeaderOnlyGguf
 from llmd.drivers.estimate import GPU_OVERHEAD_MIB, MIB, Estimate, Estimator
 
 if TYPE_CHECKING:
@@ -232,6 +236,19 @@ def _read_gguf(path: Path) -> tuple[dict[str, Any], _GgufTensors]:
         if not metadata:
             metadata = _gguf_metadata(reader)
         sizes.extend((t.name, int(t.n_bytes)) for t in reader.tensors)
+    return metadata, _split_tensors(metadata, sizes)
+
+
+def _headers_gguf(model: HeaderOnlyGguf) -> tuple[dict[str, Any], _GgufTensors]:
+    """What `_read_gguf` gives for the files, from their headers alone (the metadata is the
+    first part's: a split model's other parts hold only their tensors)."""
+    metadata = model.parts[0].metadata if model.parts else {}
+    sizes = [tensor for part in model.parts for tensor in part.tensors]
+    return metadata, _split_tensors(metadata, sizes)
+
+
+def _split_tensors(metadata: dict[str, Any], sizes: Sequence[tuple[str, int]]) -> _GgufTensors:
+    """Tensor bytes per layer (and per layer's MoE experts), and outside the layers."""
     arch = metadata.get("general.architecture", "")
     n_layers = int(metadata.get(f"{arch}.block_count", 0))
     layers = [0] * n_layers
@@ -247,7 +264,7 @@ def _read_gguf(path: Path) -> tuple[dict[str, Any], _GgufTensors]:
         else:
             # Embeddings, output head, final norm, and extra prediction layers past block_count.
             non_layer += size
-    return metadata, _GgufTensors(tuple(layers), tuple(experts), non_layer, sum(s for _, s in sizes))
+    return _GgufTensors(tuple(layers), tuple(experts), non_layer, sum(s for _, s in sizes))
 
 
 @dataclass(frozen=True)
@@ -304,13 +321,6 @@ def _gguf_metadata(reader: Any) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True)
-class _Length:
-    """Stands in for an array too long to decode (the token list)."""
-
-    n: int
-
-
 def _per_layer(value: Any, n_layers: int, default: int) -> tuple[int, ...]:
     if value is None:
         return (default,) * n_layers
@@ -320,7 +330,7 @@ def _per_layer(value: Any, n_layers: int, default: int) -> tuple[int, ...]:
     return (int(value),) * n_layers
 
 
-def _shape_from_gguf(meta: dict[str, Any], path: Path) -> ModelShape:
+def _shape_from_gguf(meta: dict[str, Any], path: Path | str) -> ModelShape:
     arch = meta.get("general.architecture")
     if not arch:
         raise EstimateError(f"{path}: GGUF metadata has no general.architecture")
@@ -393,7 +403,7 @@ def _gguf_recurrent(
 
 
 def estimate_gguf(
-    path: Path,
+    path: Path | HeaderOnlyGguf,
     ctx: int,
     *,
     parallel: int = 1,
@@ -409,10 +419,16 @@ def estimate_gguf(
 
     `ctx` is the `-c` value: llama-server shares it among its slots. Mirror its flags here:
     llama-server without `-np` runs 4 slots with a unified cache (`parallel=4, kv_unified=True`).
+    `path` may also be the headers of a GGUF that is not here (`HeaderOnlyGguf`).
     """
-    path = Path(path)
-    meta, tensors = _read_gguf(path)
-    shape = _shape_from_gguf(meta, path)
+    where: Path | str
+    if isinstance(path, HeaderOnlyGguf):
+        where = path.source
+        meta, tensors = _headers_gguf(path)
+    else:
+        where = Path(path)
+        meta, tensors = _read_gguf(where)
+    shape = _shape_from_gguf(meta, where)
     cells = kv_cells(ctx, parallel, kv_unified)
     per_stream = cells if (kv_unified or parallel <= 1) else cells // parallel
     k_bytes = cache_bytes_per_element(cache_type_k)
@@ -445,7 +461,7 @@ def estimate_gguf(
         kv_cells=cells,
         recurrent_bytes=recurrent,
         gpu_overhead_mib=gpu_overhead_mib,
-        source=f"gguf:{path}",
+        source=f"gguf:{where}",
         notes=tuple(notes),
     )
 
@@ -680,19 +696,22 @@ def _engine_flags(args: Sequence[str]) -> _EngineFlags:
     return _EngineFlags(**values)
 
 
-def estimate_profile(profile: Profile, model_path: Path) -> Estimate:
+def estimate_profile(profile: Profile, model_path: Path | HeaderOnlyGguf) -> Estimate:
     """The estimate for a profile's model, with the flags its driver will launch it with.
 
-    A directory (or a `config.json`) is an HF checkpoint; anything else is read as GGUF.
+    A directory (or a `config.json`) is an HF checkpoint; anything else is read as GGUF, and
+    a `HeaderOnlyGguf` is a GGUF known from its headers, read where the file is (the Hub).
     The llama.cpp driver passes `-c ctx × parallel -np parallel`, so each slot gets `ctx`.
     `placement.vram_mib` is left to the caller (`scheduler.need_for_profile`).
     """
     launch = profile.launch
-    path = Path(model_path)
-    if path.name == "config.json":
-        path = path.parent
-    if path.is_dir():
-        return estimate_hf_dir(path, launch.ctx, parallel=launch.parallel)
+    path: Path | HeaderOnlyGguf = model_path
+    if not isinstance(model_path, HeaderOnlyGguf):
+        path = Path(model_path)
+        if path.name == "config.json":
+            path = path.parent
+        if path.is_dir():
+            return estimate_hf_dir(path, launch.ctx, parallel=launch.parallel)
     flags = _engine_flags(launch.extra_args)
     return estimate_gguf(
         path,

@@ -19,6 +19,7 @@ from typing import Any
 from llmd.daemon.util.atomic_write import write_json_atomic
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.placement.estimate import Estimate, estimate_profile
+from llmd.daemon.placement.gguf_header import HeaderOnlyGguf
 from llmd.daemon.placement.inventory import GpuInfo, Inventory, SimulatedInventory, measure_pids_vram, open_inventory
 from llmd.daemon.models.profiles import Profile
 from llmd.daemon.placement.scheduler import ModelNeed, NoFit, Plan, RunningModel, need_for_profile, plan
@@ -29,13 +30,17 @@ log = logging.getLogger(__name__)
 LEARNED_SLACK = 1.05
 
 
-def _fingerprint(profile: Profile, model_path: Path) -> str:
+def _fingerprint(profile: Profile, model_path: Path | HeaderOnlyGguf) -> str:
     """What the memory use depends on: the model file and the launch settings."""
-    stat = model_path.stat()
+    if isinstance(model_path, HeaderOnlyGguf):
+        # Not downloaded yet: the Hub's identity of the files (commit, etags) stands for them.
+        model: list[object] = [model_path.identity]
+    else:
+        stat = model_path.stat()
+        model = [str(model_path), stat.st_size, int(stat.st_mtime)]
     launch = profile.launch
     key = json.dumps(
-        [str(model_path), stat.st_size, int(stat.st_mtime), profile.engine, launch.ctx, launch.parallel,
-         launch.cache_type, launch.extra_args],
+        [*model, profile.engine, launch.ctx, launch.parallel, launch.cache_type, launch.extra_args],
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -96,7 +101,7 @@ class Planner:
         # without telemetry need only offer a plain snapshot().
         return self.inventory.snapshot(telemetry=True) if telemetry else self.inventory.snapshot()
 
-    def estimate(self, profile: Profile, model_path: Path) -> Estimate:
+    def estimate(self, profile: Profile, model_path: Path | HeaderOnlyGguf) -> Estimate:
         """The estimate for this profile, read from the model's headers once per file and settings.
 
         Launches get theirs here too (`LaunchRequest.estimator`), so a driver sizing the
@@ -104,7 +109,7 @@ class Planner:
         again. A changed model file or launch setting changes the fingerprint: read anew."""
         return self._estimate(profile, model_path, _fingerprint(profile, model_path))
 
-    def _estimate(self, profile: Profile, model_path: Path, fingerprint: str) -> Estimate:
+    def _estimate(self, profile: Profile, model_path: Path | HeaderOnlyGguf, fingerprint: str) -> Estimate:
         cached = self._estimates.get(profile.name)
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
@@ -112,8 +117,9 @@ class Planner:
         self._estimates[profile.name] = (fingerprint, estimate)
         return estimate
 
-    def need(self, profile: Profile, model_path: Path) -> tuple[ModelNeed, Estimate | None, str]:
-        """What the scheduler should reserve, and where the number came from."""
+    def need(self, profile: Profile, model_path: Path | HeaderOnlyGguf) -> tuple[ModelNeed, Estimate | None, str]:
+        """What the scheduler should reserve, and where the number came from. `model_path` may
+        be the headers of a GGUF not downloaded yet (read from the Hub for `llmctl plan`)."""
         if profile.placement.vram_mib is not None:
             return need_for_profile(profile, None), None, "placement.vram_mib in the profile"
         fingerprint = _fingerprint(profile, model_path)  # one stat of the model file per plan
@@ -128,9 +134,14 @@ class Planner:
                 ctx=profile.launch.ctx,
             )
             return need, estimate, f"measured {learned.total_mib} MiB at its last launch"
-        return need_for_profile(profile, estimate), estimate, "estimated from the model file"
+        source = "estimated from the model file"
+        if isinstance(model_path, HeaderOnlyGguf):
+            source = "estimated from its GGUF header on the Hub (not downloaded yet)"
+        return need_for_profile(profile, estimate), estimate, source
 
-    def place(self, profile: Profile, model_path: Path, running: list[RunningModel]) -> tuple[Plan | NoFit, dict[str, Any]]:
+    def place(
+        self, profile: Profile, model_path: Path | HeaderOnlyGguf, running: list[RunningModel]
+    ) -> tuple[Plan | NoFit, dict[str, Any]]:
         """A plan (or why none exists) plus the breakdown `llmctl plan` shows."""
         gpus = self.snapshot()
         details: dict[str, Any] = {"inventory": self.inventory.note}
