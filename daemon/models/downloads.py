@@ -13,6 +13,8 @@ with an HTTP `Range` request. A blob only gets its final name once its size (and
 files, its sha256) has been checked, so a half-written file never looks complete.
 
 `download` blocks; run it in a worker thread (`llmd.daemon.models.pull.fetch_model` does).
+`open_remote_file` reads byte ranges of a file without downloading it (a GGUF's header, for
+`llmctl plan` before a pull), with the same endpoint, token and error messages.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
 # How often a wait on another process's download of the same file checks for cancellation.
 LOCK_POLL = 0.2
+# Tries for one byte-range read of a remote file (a dropped connection or a 5xx answer is retried).
+RANGE_TRIES = 3
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -340,6 +344,103 @@ def list_repo_files(repo: str, revision: str | None = None, *, token: str | None
         tree = api.list_repo_tree(repo, revision=commit, recursive=True)
         files = [(entry.path, _file_size(entry)) for entry in tree if isinstance(entry, RepoFile)]
     return commit, files
+
+
+# ----- reading byte ranges without downloading -----
+
+
+def open_remote_file(repo: str, filename: str, revision: str | None = None, *, token: str | None = None,
+                     endpoint: str | None = None) -> RemoteFile:
+    """`filename` in `repo` at `revision` on the Hub, to read byte ranges of without downloading
+    it: one HEAD request now (which commit, etag and size), a GET per `read_range`. Failures
+    raise the DownloadErrors `download` does, naming the endpoint and the fix."""
+    job = _Job(
+        repo=repo, revision=revision or constants.DEFAULT_REVISION,
+        endpoint=(endpoint or constants.ENDPOINT).rstrip("/"), token=token, cache=hub_cache_dir(),
+        meter=_Meter(lambda _: None, repo), cancel=None, retries=0,
+    )
+    with job.translated(filename):
+        meta = job._metadata(filename, job.revision)
+    return RemoteFile(job, filename, meta)
+
+
+class RemoteFile:
+    """One file on the Hub, read a byte range at a time (HTTP `Range:` requests) and never
+    stored: nothing of it enters the Hugging Face cache. Close it when done (or use `with`)."""
+
+    def __init__(self, job: _Job, filename: str, meta: HfFileMetadata) -> None:
+        self.repo = job.repo
+        self.revision = job.revision
+        self.filename = filename
+        self.endpoint = job.endpoint
+        self.commit: str = meta.commit_hash or ""
+        self.etag: str = meta.etag or ""
+        self.size: int | None = meta.size
+        self._job = job
+        self._url = meta.location
+        self._client = httpx.Client(follow_redirects=True, timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT))
+
+    def __enter__(self) -> RemoteFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def read_range(self, start: int, end: int) -> bytes:
+        """The bytes [start, end) of the file; fewer where the file ends before `end`."""
+        failures = 0
+        while True:
+            try:
+                with self._job.translated(self.filename):
+                    return self._get(start, end)
+            except _Retryable as exc:
+                failures += 1
+                if failures >= RANGE_TRIES:
+                    raise HubUnreachableError(
+                        f"reading {self.repo}/{self.filename} from {self.endpoint} failed {failures} times in a row "
+                        f"({exc}); check the network, or set HF_ENDPOINT to a reachable Hub mirror"
+                    ) from exc
+                time.sleep(RETRY_DELAY * 2 ** (failures - 1))
+
+    def _get(self, start: int, end: int) -> bytes:
+        headers = self._job._headers(self._url)
+        headers["Range"] = f"bytes={start}-{end - 1}"
+        try:
+            with self._client.stream("GET", self._url, headers=headers) as response:
+                status = response.status_code
+                if status == 416:
+                    return b""  # the file ends before `start`
+                if status in (408, 429) or status >= 500:
+                    raise _Retryable(f"the server answered HTTP {status}")
+                if status not in (200, 206):
+                    raise self._job._status_error(status, self.filename)
+                if status == 206 and not _range_starts_at(response, start):
+                    raise DownloadError(
+                        f"{self.endpoint} answered a request for bytes {start}-{end - 1} of {self.repo}/{self.filename} "
+                        f"with others ({response.headers.get('Content-Range')!r}); check HF_ENDPOINT and any proxy"
+                    )
+                # A 200 is the whole file (the server ignored `Range`): skip to `start`, stop at `end`.
+                return _first_bytes(response.iter_bytes(), start if status == 200 else 0, end - start)
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc or 'connection lost'}") from None
+
+
+def _first_bytes(chunks: Iterator[bytes], skip: int, count: int) -> bytes:
+    """`count` bytes from a body after its first `skip`, reading no further than that."""
+    out = bytearray()
+    for chunk in chunks:
+        if skip:
+            if len(chunk) <= skip:
+                skip -= len(chunk)
+                continue
+            chunk, skip = chunk[skip:], 0
+        out += chunk[:count - len(out)]
+        if len(out) >= count:
+            break
+    return bytes(out)
 
 
 @dataclass
