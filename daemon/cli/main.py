@@ -158,10 +158,10 @@ def ps(ctx: click.Context, as_json: bool) -> None:
     rows = [
         [m["model"], m["engine"], _state(m), _dash(m["pid"]), _dash(m["port"]), _where(m),
          format_mib(m["vram_mib"]) if m["vram_mib"] else "-", format_duration(m["uptime_s"]),
-         format_duration(m["idle_s"]), str(m["in_flight"])]
+         format_duration(m["idle_s"]), str(m["in_flight"]), _kv_saved(m)]
         for m in models
     ]
-    click.echo(_table(rows, ["model", "engine", "state", "pid", "port", "gpus", "vram", "uptime", "idle", "busy"]))
+    click.echo(_table(rows, ["model", "engine", "state", "pid", "port", "gpus", "vram", "uptime", "idle", "busy", "kv saved"]))
     for m in models:
         if m["state"] == "failed" and m["error"]:
             click.echo(f"\n{m['model']} failed: {m['error']}", err=True)
@@ -172,6 +172,14 @@ def _state(row: dict[str, Any]) -> str:
     if row["state"] == "sleeping" and row.get("host_ram_mib"):
         return f"sleeping ({format_mib(row['host_ram_mib'])} RAM)"
     return str(row["state"])
+
+
+def _kv_saved(row: dict[str, Any]) -> str:
+    """The prompt cache saved on disk for the model's next start (persist_kv): "3406 tok, 53 MiB"."""
+    tokens = row.get("kv_saved_tokens") or 0
+    if not tokens:
+        return "-"
+    return f"{tokens} tok, {format_mib(row.get('kv_saved_bytes', 0) / (1024 * 1024))}"
 
 
 def _where(row: dict[str, Any]) -> str:

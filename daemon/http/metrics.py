@@ -93,6 +93,9 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 _SPEED_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 _LOAD_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
 _STOP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Saving and restoring a prompt cache: milliseconds for a small one, a few seconds at most (a
+# save is cut off at the profile's kv_save_timeout).
+_KV_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 ModelRows = Callable[[], list[dict[str, Any]]]
 GpuReport = Callable[[], dict[str, Any]]
@@ -169,6 +172,30 @@ class Metrics:
             "llmd_queue_refusals", "Requests refused by a model's admission: its queue was full (429) or no slot came in time (503)",
             ["model", "reason"], registry=r,
         )
+        # Prompt caches kept across stops (`[policy] persist_kv`).
+        self.kv_saves = Counter(
+            "llmd_kv_saves", "Engine slots whose prompt cache was saved before a stop, or not (skipped: past kv_save_timeout)",
+            ["model", "result"], registry=r,
+        )
+        self.kv_restores = Counter(
+            "llmd_kv_restores", "Saved prompt caches restored at a start, or dropped (failed their check, or the engine refused them)",
+            ["model", "result"], registry=r,
+        )
+        self.kv_saved_bytes = Counter("llmd_kv_saved_bytes", "Bytes of prompt cache saved", ["model"], registry=r)
+        self.kv_restored_bytes = Counter("llmd_kv_restored_bytes", "Bytes of prompt cache restored", ["model"], registry=r)
+        self.kv_saved_tokens = Counter("llmd_kv_saved_tokens", "Tokens of prompt cache saved", ["model"], registry=r)
+        self.kv_restored_tokens = Counter(
+            "llmd_kv_restored_tokens", "Tokens of prompt cache restored: prompt the engine need not process again",
+            ["model"], registry=r,
+        )
+        self.kv_save_duration = Histogram(
+            "llmd_kv_save_duration_seconds", "Each slot's save, from the request to the file checked and recorded",
+            ["model"], buckets=_KV_BUCKETS, registry=r,
+        )
+        self.kv_restore_duration = Histogram(
+            "llmd_kv_restore_duration_seconds", "Each slot's restore into a starting engine",
+            ["model"], buckets=_KV_BUCKETS, registry=r,
+        )
         self.gpu_energy = GpuEnergy(cards_of)
         r.register(_StateCollector(models, gpus, self.gpu_energy))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -201,6 +228,26 @@ class Metrics:
 
     def swap_finished(self, name: str, seconds: float) -> None:
         self.swap_duration.labels(name).observe(seconds)
+
+    def kv_saved(self, name: str, tokens: int, size: int, seconds: float) -> None:
+        self.kv_saves.labels(name, "saved").inc()
+        self.kv_saved_tokens.labels(name).inc(tokens)
+        self.kv_saved_bytes.labels(name).inc(size)
+        self.kv_save_duration.labels(name).observe(seconds)
+
+    def kv_not_saved(self, name: str, result: str) -> None:
+        """A slot of `name` was not saved: `skipped` (no time left) or `failed`."""
+        self.kv_saves.labels(name, result).inc()
+
+    def kv_restored(self, name: str, tokens: int, size: int, seconds: float) -> None:
+        self.kv_restores.labels(name, "restored").inc()
+        self.kv_restored_tokens.labels(name).inc(tokens)
+        self.kv_restored_bytes.labels(name).inc(size)
+        self.kv_restore_duration.labels(name).observe(seconds)
+
+    def kv_not_restored(self, name: str, result: str) -> None:
+        """A save of `name` was not restored: `dropped` (failed its check, or the engine refused it)."""
+        self.kv_restores.labels(name, result).inc()
 
     def queue_refused(self, name: str, reason: str) -> None:
         """A request for `name` was refused: `full` (its queue was full) or `timeout`."""

@@ -15,6 +15,9 @@ Where each piece lives:
 - `parking.Parking`: sleep mode: whether a model can be parked, putting it to sleep, waking it.
 - `supervision.Supervision`: the exit watch and health probe of ready engines, and restarts
   with backoff after a crash.
+- `kv_persist.KvPersist`: prompt caches kept across stops (`[policy] persist_kv`): saved in
+  `finish_stop` before the engine is stopped, restored by the load path before the model is
+  reported ready.
 - `reports`: read-only views (`status`, progress, `plan_preview`, `gpu_report`, log tails).
 - `reload`: re-reading the settings and profiles while running.
 

@@ -24,6 +24,7 @@ from llmd.daemon.engines.ledger import PidLedger
 from llmd.daemon.errors import EngineStartError, LlmdError, NoRoomError, QueueFullError, UnknownModelError
 from llmd.daemon.http.metrics import Metrics
 from llmd.daemon.manager import reports
+from llmd.daemon.manager.kv_persist import KvPersist
 from llmd.daemon.manager.admission import limits_for
 from llmd.daemon.manager.loading import Loader
 from llmd.daemon.manager.parking import Parking
@@ -52,6 +53,8 @@ class Manager:
         self.loader = Loader(self)
         self.parking = Parking(self)
         self.supervision = Supervision(self)
+        # Prompt caches kept across stops, for profiles with `[policy] persist_kv`.
+        self.kv = KvPersist(self)
         self._tg: anyio.abc.TaskGroup | None = None
         # Set (and replaced) whenever room may have appeared: a model went idle, stopped or failed.
         self._changed = anyio.Event()
@@ -334,6 +337,8 @@ class Manager:
         engine = inst.engine
         assert engine is not None
         log.info("stopping %s (%s)", inst.name, reason)
+        # A planned stop: the engine's prompt cache is saved first (persist_kv), within its time limit.
+        await self.kv.save(inst, engine)
         await close_client(inst)
         with anyio.CancelScope(shield=True):
             code = await engine.stop(self.config.server.stop_grace)

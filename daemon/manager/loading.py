@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from llmd.drivers.base import LaunchRequest
+from llmd.drivers.base import Driver, LaunchRequest
 
 from llmd.daemon.engines.commands import resolve_command
 from llmd.daemon.engines.supervisor import EngineProcess, free_port, process_tree, spawn_engine
@@ -143,27 +143,45 @@ class Loader:
         if profile is not inst.profile:
             placement = dc_replace(placement, reason=f"{placement.reason}; ctx lowered to {profile.launch.ctx} after running out of memory")
             inst.placement = placement
-        port = free_port(ENGINE_HOST, self._ports_in_use())
         request = LaunchRequest(
             profile=profile,
             placement=placement,
             model_path=model_path,
             host=ENGINE_HOST,
-            port=port,
+            port=free_port(ENGINE_HOST, self._ports_in_use()),
             command=command,
             env=dict(manager.config.engine(driver.name).env),
             # The estimate just planned with, from the planner's cache.
             estimator=launch_estimator(profile, model_path, manager.planner.estimate),
+            kv_dir=manager.kv.launch_dir(profile, driver, model_path, command, placement.ctx),
         )
+        engine = await self._spawn_until_ready(inst, driver, request, started)
+        # The saved prompt cache goes in before the model is reported ready. Should a saved file
+        # still make the engine exit, it is dropped by now: start the engine again without it.
+        while not await manager.kv.restore(inst, engine):
+            log.warning("%s exited while restoring its saved prompt cache; starting it again", inst.name)
+            with anyio.CancelScope(shield=True):
+                await engine.stop(manager.config.server.stop_grace)
+            request = dc_replace(request, port=free_port(ENGINE_HOST, self._ports_in_use()))
+            engine = await self._spawn_until_ready(inst, driver, request, started)
+
+    async def _spawn_until_ready(self, inst: Instance, driver: Driver, request: LaunchRequest,
+                                 started: list[EngineProcess]) -> EngineProcess:
+        """Spawn the engine `request` describes, append it to `started` at once, claim its
+        placement, and wait until it is ready."""
+        manager = self.manager
+        profile = request.profile
         spec = driver.launch(request)
-        engine = spawn_engine(profile.name, spec, port, engine_log_path(manager.config, profile.name), str(manager.config.server.state_dir))
+        engine = spawn_engine(profile.name, spec, request.port, engine_log_path(manager.config, profile.name),
+                              str(manager.config.server.state_dir))
         started.append(engine)
         manager.ledger.add(engine)
         inst.engine, inst.spec = engine, spec
-        manager.planner.claim(profile.name, engine.pid, placement.per_card())
-        inst.progress = f"waiting for {profile.engine} (pid {engine.pid}) to load the model"
-        log.info("starting %s: pid %d port %d, %s", profile.name, engine.pid, port, placement.reason or "placed")
+        manager.planner.claim(profile.name, engine.pid, request.placement.per_card())
+        inst.progress = f"waiting for {inst.profile.engine} (pid {engine.pid}) to load the model"
+        log.info("starting %s: pid %d port %d, %s", profile.name, engine.pid, request.port, request.placement.reason or "placed")
         await engine.wait_ready(spec, manager.config.server.ready_timeout)
+        return engine
 
     async def _reserve_placement(self, inst: Instance, profile: Profile, model_path: Path) -> None:
         """Find room for `inst`, waiting up to queue_timeout for busy models to finish, and

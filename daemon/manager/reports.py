@@ -52,6 +52,11 @@ def status(manager: Manager) -> list[dict[str, Any]]:
                 "placement": placement.reason if placement else None,
                 "load_s": round(inst.load_seconds, 3) if inst.load_seconds is not None and engine else None,
                 "wake_s": round(inst.wake_seconds, 3) if inst.wake_seconds is not None and engine else None,
+                # The prompt cache saved on disk for the next start (persist_kv), and what the
+                # running engine got back from it when it started.
+                "kv_saved_tokens": manager.kv.saved(name)[0],
+                "kv_saved_bytes": manager.kv.saved(name)[1],
+                "kv_restored_tokens": manager.kv.restored_tokens(name) if engine else 0,
                 "progress": progress_of(manager, inst) or None,
                 "error": inst.error,
                 "log": str(engine_log_path(manager.config, name)),
