@@ -4,14 +4,15 @@ It serves what `hf_hub_download` and `snapshot_download` ask for:
 
 - `HEAD|GET /{owner}/{name}/resolve/{revision}/{path}`: the file, with `X-Repo-Commit`,
   `ETag` (git sha1, or for LFS files `X-Linked-Etag` = sha256 and `X-Linked-Size`),
-  `Content-Length`, and `Range: bytes=N-` answered with 206 and `Content-Range`;
+  `Content-Length`, and `Range: bytes=N-` or `bytes=N-M` answered with 206 Partial Content
+  and `Content-Range`;
 - `GET /api/models/{owner}/{name}` and `.../revision/{revision}`: repo info (`sha`, `siblings`);
 - `GET /api/models/{owner}/{name}/tree/{revision}`: the recursive file listing.
 
 Errors carry the headers the Hub sends (`X-Error-Code: RepoNotFound | RevisionNotFound |
 EntryNotFound`), and a private repo answers 401 without `Authorization: Bearer <token>` the
-way the Hub does. Hooks cut a transfer after N bytes or corrupt a file, and every request is
-recorded. Point `huggingface_hub` at `HubStandin.url` with `endpoint=` (or `HF_ENDPOINT` in a
+way the Hub does. Hooks cut a transfer after N bytes or corrupt a file; every request is
+recorded, and the body bytes served are counted per path (`bytes_served`). Point `huggingface_hub` at `HubStandin.url` with `endpoint=` (or `HF_ENDPOINT` in a
 fresh process).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cached_property
 import re
 import socket
 import sys
@@ -54,11 +56,12 @@ class HubFile:
     content: bytes
     lfs: bool
 
-    @property
+    # Worked out once: a large file is hashed for every request otherwise.
+    @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.content).hexdigest()
 
-    @property
+    @cached_property
     def git_sha1(self) -> str:
         return hashlib.sha1(b"blob %d\0" % len(self.content) + self.content).hexdigest()
 
@@ -92,6 +95,7 @@ class HubStandin:
         self.token = token
         self.repos: dict[str, HubRepo] = {}
         self.requests: list[Request] = []
+        self._served: dict[str, int] = {}
         self._cuts: dict[str, _Cut] = {}
         self._corrupt: set[str] = set()
         self._lock = threading.Lock()
@@ -147,9 +151,15 @@ class HubStandin:
         """Recorded GET requests for a resolve URL ending in `path_suffix`."""
         return [r for r in self.requests if r.method == "GET" and "/resolve/" in r.path and r.path.endswith(path_suffix)]
 
+    def bytes_served(self, path_suffix: str = "") -> int:
+        """Body bytes sent (since the last `clear`) for request paths ending in `path_suffix`."""
+        with self._lock:
+            return sum(n for path, n in self._served.items() if path.endswith(path_suffix))
+
     def clear(self) -> None:
         with self._lock:
             self.requests.clear()
+            self._served.clear()
 
     # ----- lifecycle -----
 
@@ -211,6 +221,10 @@ class HubStandin:
                 return None
             cut.times -= 1
             return cut.nbytes
+
+    def _count(self, path: str, nbytes: int) -> None:
+        with self._lock:
+            self._served[path] = self._served.get(path, 0) + nbytes
 
     def _record(self, handler: BaseHTTPRequestHandler) -> None:
         with self._lock:
@@ -372,9 +386,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         limit = len(data) if cut is None else min(cut, len(data))
+        path = urlsplit(self.path).path
         try:
             for offset in range(0, limit, _BODY_CHUNK):
-                self.wfile.write(data[offset:min(offset + _BODY_CHUNK, limit)])
+                chunk = data[offset:min(offset + _BODY_CHUNK, limit)]
+                self.wfile.write(chunk)
+                self.hub._count(path, len(chunk))
             self.wfile.flush()
         except OSError:
             self.close_connection = True

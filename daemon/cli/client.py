@@ -117,6 +117,19 @@ class Daemon:
                 fail(error_text(response))
             yield from response.iter_lines()
 
+    def events(self, method: str, path: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        """An NDJSON answer's events as they arrive. Unlike `stream_lines` it never ends llmctl:
+        raises DaemonUnreachable, or LlmdError with the daemon's message when it refuses."""
+        import json
+
+        with self._errors(), self.client.stream(method, path, **kwargs) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise LlmdError(error_text(response))
+            for line in response.iter_lines():
+                if line.strip():
+                    yield json.loads(line)
+
     def stream_bytes(self, path: str, **kwargs: Any) -> Iterator[bytes]:
         with self._exit_if_unreachable(), self._errors(), self.client.stream("GET", path, **kwargs) as response:
             if response.status_code >= 400:

@@ -99,6 +99,13 @@ def load(ctx: click.Context, name: str, old: str | None) -> None:
 @click.pass_context
 def pull(ctx: click.Context, name: str) -> None:
     """Download NAME's model files (Hugging Face) without loading it."""
+    if "/" in name:
+        # A repo id where a profile's name belongs: a Hub model is pulled through its profile.
+        raise click.BadParameter(
+            f"{name!r} looks like a Hugging Face repo, but `llmctl pull` takes a profile's name. Write a profile "
+            f"for the repo first: `llmctl profile new NAME --from-hf {name}`, then `llmctl pull NAME`",
+            param_hint="NAME",
+        )
     _check_name(name)
     lines = daemon_for(ctx).stream_lines("POST", f"/v1/models/{name}/pull")
     if _follow_job(lines, "done", lambda event: event["message"]) is not None:
@@ -202,9 +209,16 @@ def _where(row: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="print JSON (raw MiB)")
 @click.pass_context
 def plan(ctx: click.Context, name: str, as_json: bool) -> None:
-    """What loading NAME now would need and do (nothing is loaded). Exits 1 if it does not fit now."""
+    """What loading NAME now would need and do (nothing is loaded). Exits 1 if it does not fit now.
+
+    A Hugging Face GGUF that is not downloaded yet is planned from its header, which the daemon
+    reads from the Hub (a few MB of the file); progress shows if that takes a while."""
     _check_name(name)
-    report = daemon_for(ctx).call("GET", f"/v1/models/{name}/plan")
+    lines = daemon_for(ctx).stream_lines("GET", f"/v1/models/{name}/plan", params={"progress": "1"})
+    planned = _follow_job(lines, "plan", lambda event: event["message"])
+    if planned is None:
+        fail(f"llmd's answer ended before the plan for {name}; its log may say why")
+    report = planned["plan"]
     if as_json:
         echo_json(report)
     elif echo_plan(report):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from llmd.daemon.cli.client import (
     socket_path,
 )
 from llmd.daemon.cli.complete import complete_engines
-from llmd.daemon.cli.output import dash, echo_json, echo_plan, table
+from llmd.daemon.cli.output import Progress, dash, echo_json, echo_plan, table
 from llmd.daemon.config import DaemonConfig
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.models.profile_writer import (
@@ -38,6 +40,8 @@ from llmd.daemon.models.profiles import load_profiles
 
 # Re-reading profiles is quick; this only bounds a daemon that hangs.
 RELOAD_TIMEOUT = 30.0
+# Planning a model not downloaded yet reads its header from the Hub: progress shows after this long.
+SLOW_PLAN_SECONDS = 1.0
 
 
 @click.group()
@@ -134,10 +138,12 @@ def _plan(ctx: click.Context, name: str, target: Path, config: DaemonConfig) -> 
         found = reloaded.json()
         if name in found["profiles"]:
             notes.append(f"the running daemon now serves {name}")
-            answer = daemon.query("GET", f"/v1/models/{name}/plan")
-            if answer.status_code >= 400:
-                return {"planned_by": "daemon", "plan": None, "plan_error": error_text(answer), "notes": notes}
-            return {"planned_by": "daemon", "plan": answer.json(), "plan_error": None, "notes": notes}
+            try:
+                planned = _daemon_plan(daemon, name)
+            except LlmdError as exc:
+                # The daemon's own words: it reads the Hub through its own HF_ENDPOINT and token.
+                return {"planned_by": "daemon", "plan": None, "plan_error": str(exc), "notes": notes}
+            return {"planned_by": "daemon", "plan": planned, "plan_error": None, "notes": notes}
         if name in found["invalid"]:
             notes.append(f"the running daemon rejects the profile: {found['invalid'][name]}")
         else:
@@ -146,10 +152,43 @@ def _plan(ctx: click.Context, name: str, target: Path, config: DaemonConfig) -> 
         notes.append("llmd is not running: planned here, from the files on disk")
     except LlmdError as exc:
         notes.append(str(exc))
+    progress = Progress()
     try:
-        return {"planned_by": "local", "plan": plan_locally(name, config, target.parent), "plan_error": None, "notes": notes}
+        planned = plan_locally(name, config, target.parent, _shown_if_slow(progress))
+        return {"planned_by": "local", "plan": planned, "plan_error": None, "notes": notes}
     except LlmdError as exc:
         return {"planned_by": "local", "plan": None, "plan_error": str(exc), "notes": notes}
+    finally:
+        progress.clear()
+
+
+def _daemon_plan(daemon: Daemon, name: str) -> dict[str, Any]:
+    """The running daemon's plan for NAME, showing its progress while it reads the model's header
+    from the Hub; LlmdError with the daemon's message when it has no plan."""
+    progress = Progress()
+    try:
+        for event in daemon.events("GET", f"/v1/models/{name}/plan", params={"progress": "1"}):
+            if event["event"] == "progress" and event["message"]:
+                progress(event["message"])
+            elif event["event"] == "error":
+                raise LlmdError(event["message"])
+            elif event["event"] == "plan":
+                plan: dict[str, Any] = event["plan"]
+                return plan
+    finally:
+        progress.clear()
+    raise LlmdError(f"llmd's answer ended before the plan for {name}; its log may say why")
+
+
+def _shown_if_slow(progress: Progress) -> Callable[[str], None]:
+    """`progress`, silent for the first SLOW_PLAN_SECONDS: a quick plan shows nothing."""
+    started = time.monotonic()
+
+    def show(line: str) -> None:
+        if time.monotonic() - started >= SLOW_PLAN_SECONDS:
+            progress(line)
+
+    return show
 
 
 @profile.command("ls")

@@ -417,9 +417,11 @@ class Manager:
         """(what the model is doing, the last line of its engine's log), from one read of the log."""
         return reports.load_report(self, inst)
 
-    def plan_preview(self, name: str) -> dict[str, Any]:
-        """What loading `name` now would do, without doing it: for `llmctl plan`."""
-        return reports.plan_preview(self, name)
+    async def plan_preview(self, name: str, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """What loading `name` now would do, without doing it: for `llmctl plan`. A Hugging Face
+        GGUF not downloaded yet is planned from its header, read from the Hub (`on_progress`
+        hears how that goes)."""
+        return await reports.plan_preview(self, name, on_progress)
 
     def gpu_report(self) -> dict[str, Any]:
         """Each card with its memory, which of llmd's models claims how much of it, and its telemetry."""

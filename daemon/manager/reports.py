@@ -4,6 +4,7 @@ progress, the metrics and the dashboard). These functions only read the manager'
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from llmd.drivers.base import load_progress
@@ -11,6 +12,7 @@ from llmd.drivers.base import load_progress
 from llmd.daemon.engines.supervisor import process_tree, tail_lines
 from llmd.daemon.manager.admission import limits_for
 from llmd.daemon.manager.state import Instance, State, engine_log_path
+from llmd.daemon.models.remote_gguf import headers_before_download
 from llmd.daemon.placement.scheduler import NoFit
 
 if TYPE_CHECKING:
@@ -94,11 +96,19 @@ def load_report(manager: Manager, inst: Instance) -> tuple[str, str]:
     return progress_of(manager, inst, tail), (tail[-1] if tail else "")
 
 
-def plan_preview(manager: Manager, name: str) -> dict[str, Any]:
-    """What loading `name` now would do, without doing it: for `llmctl plan`."""
+async def plan_preview(manager: Manager, name: str, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """What loading `name` now would do, without doing it: for `llmctl plan`.
+
+    A Hugging Face GGUF that is not downloaded yet is planned from its header, read from the
+    Hub with range requests (`on_progress` hears how that goes, from a worker thread); any
+    other model from its files on disk."""
     inst = manager.instance(name)
     loader = manager.loader
-    result, details = manager.planner.place(inst.profile, loader.local_model_path(inst.profile), loader.running_except(inst))
+    profile = inst.profile
+    model = await headers_before_download(profile.model, manager.config.server.state_dir, on_progress)
+    if model is None:
+        model = loader.local_model_path(profile)
+    result, details = manager.planner.place(profile, model, loader.running_except(inst))
     report: dict[str, Any] = {"model": inst.name, "state": inst.state.value, **details}
     if isinstance(result, NoFit):
         report.update({"fits": False, "reason": result.reason})

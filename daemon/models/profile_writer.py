@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import tempfile
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -418,12 +418,14 @@ def write(text: str, target: Path, force: bool) -> Path:
 # ----- planning without the daemon -----
 
 
-def plan_locally(name: str, config: DaemonConfig, extra_dir: Path | None = None) -> dict[str, Any]:
+def plan_locally(name: str, config: DaemonConfig, extra_dir: Path | None = None,
+                 on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """What `GET /v1/models/NAME/plan` would answer, computed here from the files on disk.
 
     Runs the daemon's own planning (Manager.plan_preview over the configured inventory and the
-    state dir's measurements) with nothing running. Raises LlmdError when no plan can be made,
-    e.g. for a Hugging Face model that is not downloaded yet."""
+    state dir's measurements) with nothing running. A Hugging Face GGUF not downloaded yet is
+    planned from its header, read from the Hub (`on_progress` hears how that goes). Raises
+    LlmdError when no plan can be made, e.g. for a Hugging Face snapshot not downloaded yet."""
     import anyio
     from llmd.drivers.registry import load_drivers
 
@@ -436,6 +438,6 @@ def plan_locally(name: str, config: DaemonConfig, extra_dir: Path | None = None)
     profiles = load_profiles(dirs, set(drivers), config.server.model_dirs)
 
     async def preview() -> dict[str, Any]:
-        return Manager(config, drivers, profiles).plan_preview(name)
+        return await Manager(config, drivers, profiles).plan_preview(name, on_progress)
 
     return anyio.run(preview)

@@ -117,7 +117,15 @@ class ManagementApi:
 
     async def pull(self, request: Request) -> Response:
         """Stream NDJSON download progress until the model's files are complete."""
-        name = self._model(request)
+        try:
+            name = self._model(request)
+        except UnknownModelError as exc:
+            wanted = request.path_params["name"]
+            if wanted in self.manager.profiles.errors:
+                raise
+            # `pull` takes a profile's name, not a repo: say how a Hub model gets one.
+            return _error(404, f"{exc}. To download a model from Hugging Face, write a profile for it first: "
+                               f"`llmctl profile new {wanted} --from-hf OWNER/REPO`, then `llmctl pull {wanted}`")
         job = self.manager.run_job(self.manager.pull, name)
         inst = self.manager.instance(name)
 
@@ -135,10 +143,42 @@ class ManagementApi:
         return StreamingResponse(events(), media_type="application/x-ndjson")
 
     async def plan(self, request: Request) -> Response:
-        try:
-            return JSONResponse(self.manager.plan_preview(self._model(request)))
-        except LlmdError as exc:
-            return _error(422, str(exc))
+        """What loading the model now would do, as JSON (422 with the reason when no plan can
+        be made). With `?progress=1`, NDJSON instead, as planning can take a while when it
+        reads a model's header from the Hub: a progress event every half second (`message`:
+        how far it got, "" until there is news), then `{"event": "plan", "plan": ...}` or
+        `{"event": "error", "message": ...}`."""
+        name = self._model(request)
+        if request.query_params.get("progress") not in ("1", "true", "yes"):
+            try:
+                return JSONResponse(await self.manager.plan_preview(name))
+            except LlmdError as exc:
+                return _error(422, str(exc))
+        news = _LastLine()
+        made: dict[str, Any] = {}
+
+        async def preview() -> None:
+            try:
+                made["plan"] = await self.manager.plan_preview(name, news)
+            except LlmdError:
+                raise
+            except Exception as exc:  # a job's unexpected error must not reach the manager's task group
+                raise LlmdError(f"planning {name} failed: {type(exc).__name__}: {exc}") from exc
+
+        job = self.manager.run_job(preview)
+
+        async def events() -> AsyncIterator[bytes]:
+            while not job.done.is_set():
+                with anyio.move_on_after(PROGRESS_SECONDS):
+                    await job.done.wait()
+                if not job.done.is_set():
+                    yield _ndjson({"event": "progress", "model": name, "message": news.text})
+            if job.error is not None or "plan" not in made:
+                yield _ndjson({"event": "error", "model": name, "message": str(job.error or "planning was cancelled")})
+            else:
+                yield _ndjson({"event": "plan", "model": name, "plan": made["plan"]})
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
 
     async def reload(self, request: Request) -> Response:
         """Re-read the profiles as SIGHUP does (llmd.toml itself is re-read only on SIGHUP)."""
@@ -255,6 +295,15 @@ class ManagementApi:
                     yield data
 
         return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+
+class _LastLine:
+    """The latest progress line of a job, set from any thread (one assignment: atomic)."""
+
+    text = ""
+
+    def __call__(self, line: str) -> None:
+        self.text = line
 
 
 async def _unknown_model(request: Request, exc: Exception) -> Response:
