@@ -53,10 +53,13 @@ class ModelShape:
     n_embd: int = 64
     n_ff: int = 128
     n_head: int = 4
+    # The context the model says it was trained for: llama-server serves no longer prompts.
+    ctx: int = 2048
 
     @property
     def file_name(self) -> str:
-        return f"{self.name}-L{self.n_layers}-E{self.n_embd}-F{self.n_ff}-H{self.n_head}.gguf"
+        trained = f"-C{self.ctx}" if self.ctx != 2048 else ""
+        return f"{self.name}-L{self.n_layers}-E{self.n_embd}-F{self.n_ff}-H{self.n_head}{trained}.gguf"
 
     def ensure(self, directory: Path) -> Path:
         """The model file in `directory`, written first if it is not there yet (the writer is
@@ -64,7 +67,8 @@ class ModelShape:
         path = directory / self.file_name
         if not path.exists():
             write_tiny_gguf(
-                path, n_layers=self.n_layers, n_embd=self.n_embd, n_ff=self.n_ff, n_head=self.n_head, n_head_kv=self.n_head
+                path, n_layers=self.n_layers, n_embd=self.n_embd, n_ff=self.n_ff, n_head=self.n_head, n_head_kv=self.n_head,
+                ctx=self.ctx,
             )
         return path
 
@@ -286,6 +290,8 @@ class Profile:
     extra_args: tuple[str, ...] = ()
     vram_mib: int | None = None
     ttl: str = "never"
+    # Keep the prompt cache across stops (saved before, restored after).
+    persist_kv: bool = False
 
     def toml(self) -> str:
         text = textwrap.dedent(
@@ -299,6 +305,7 @@ class Profile:
             extra_args = {json.dumps(list(self.extra_args))}
             [policy]
             ttl = "{self.ttl}"
+            persist_kv = {json.dumps(self.persist_kv)}
             """
         )
         if self.vram_mib is not None:

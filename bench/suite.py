@@ -4,7 +4,8 @@ Order matters on a small machine: the in-process placement benchmark runs first,
 else does; then one daemon (with nginx in front of its engines, and for the tiny model also a bare
 byte relay, the floor for a proxy in Python) serves the overhead, streaming, footprint and
 cold-start measurements; the swap measurement gets a daemon of its own, because
-it needs a simulated one-card inventory.
+it needs a simulated one-card inventory, and so does the swap-back measurement, whose profiles
+keep (or not) their prompt cache across a reload.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import coldstart, footprint, overhead, placement, streaming, swap
+from . import coldstart, footprint, overhead, placement, streaming, swap, swapback
 from .byte_relay import ByteRelay
 from .harness import (
     NGINX_MISSING,
@@ -38,7 +39,7 @@ from .streaming import ChunkCpu
 
 Log = Callable[[str], None]
 
-MEASUREMENTS = ("placement", "overhead", "streaming", "footprint", "coldstart", "swap")
+MEASUREMENTS = ("placement", "overhead", "streaming", "footprint", "coldstart", "swap", "swapback")
 
 # The default shape: thousands of tokens per second, so the proxy's per-chunk cost shows.
 TINY = ModelShape("tiny", "overhead, streaming at thousands of tok/s, footprint")
@@ -46,6 +47,9 @@ TINY = ModelShape("tiny", "overhead, streaming at thousands of tok/s, footprint"
 LARGE = ModelShape("large", "streaming at tens of tok/s", n_layers=8, n_embd=768, n_ff=2048, n_head=12)
 # About 820 MB: read into memory (not mapped) on load, which takes most of a second.
 COLD = ModelShape("cold", "cold start (~1 s to load)", n_layers=16, n_embd=1024, n_ff=2816, n_head=16)
+# Seconds to process a 3,000-token prompt on one thread: a saved prompt cache shows.
+KV = ModelShape("kv", "swap-back (a 3,000-token prompt takes seconds)", n_layers=8, n_embd=512, n_ff=1024, n_head=8,
+                ctx=4096)
 
 # One generation thread per engine: on a small shared machine, llama.cpp's spinning worker
 # threads would otherwise fight the proxies and the client for the same cores, and the runs
@@ -62,6 +66,7 @@ class Settings:
     large: ModelShape = LARGE
     cold: ModelShape = COLD
     swap: ModelShape = LARGE
+    swapback: ModelShape = KV
     overhead_iterations: int = 3000
     overhead_warmup: int = 20
     stream_tokens: int = 256
@@ -73,6 +78,10 @@ class Settings:
     large_levels: tuple[tuple[int, int], ...] = ((1, 8), (16, 3))
     cold_reps: int = 10
     swap_reps: int = 12
+    swapback_reps: int = 3
+    # The conversation's length, in tokens, and the context each profile gets for it.
+    swapback_tokens: int = 3000
+    swapback_ctx: int = 4096
     idle_seconds: float = 10.0
     placement_rounds: int = 20
     grid_gpus: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -87,6 +96,7 @@ SMOKE = Settings(
     large=TINY,
     cold=TINY,
     swap=TINY,
+    swapback=TINY,
     overhead_iterations=40,
     overhead_warmup=3,
     stream_tokens=32,
@@ -94,6 +104,9 @@ SMOKE = Settings(
     large_levels=((1, 1),),
     cold_reps=2,
     swap_reps=2,
+    swapback_reps=1,
+    swapback_tokens=400,
+    swapback_ctx=1024,
     idle_seconds=1.0,
     placement_rounds=2,
     grid_gpus=(1, 8),
@@ -190,6 +203,8 @@ def _models(settings: Settings, wanted: Sequence[str], directory: Path, info: di
         shapes["cold"] = settings.cold
     if "swap" in wanted:
         shapes["swap"] = settings.swap
+    if "swapback" in wanted:
+        shapes["swapback"] = settings.swapback
     paths = {}
     for role, shape in shapes.items():
         path = directory / shape.file_name
@@ -225,6 +240,9 @@ def _with_engines(settings: Settings, only: Sequence[str], llama_server: Path, n
     if "swap" in only:
         log(f"swap: {settings.swap_reps} repetitions")
         sections.append(_timed(lambda: _swap(settings, llama_server, paths["swap"], root)))
+    if "swapback" in only:
+        log(f"swap-back: {settings.swapback_reps} repetitions of a {settings.swapback_tokens}-token conversation")
+        sections.append(_timed(lambda: _swapback(settings, llama_server, paths["swapback"], root)))
     return sections
 
 
@@ -308,6 +326,19 @@ def _swap(settings: Settings, llama_server: Path, model: Path, root: Path) -> Se
     daemon.start()
     try:
         return swap.measure(daemon, pair, settings.swap_reps, root)
+    finally:
+        daemon.stop()
+
+
+def _swapback(settings: Settings, llama_server: Path, model: Path, root: Path) -> Section:
+    profiles = [
+        Profile(name, model, ctx=settings.swapback_ctx, extra_args=engine_args(1), persist_kv=keep)
+        for name, keep in (("swapback-plain", False), ("swapback-kept", True))
+    ]
+    daemon = Daemon(root / "llmd-swapback", llama_server, profiles)
+    daemon.start()
+    try:
+        return swapback.measure(daemon, "swapback-plain", "swapback-kept", settings.swapback_tokens, settings.swapback_reps)
     finally:
         daemon.stop()
 

@@ -77,6 +77,8 @@ def _expected_keys(document: dict) -> list[str]:
         "coldstart.llmd.first_token_ms",
         "coldstart.llmd.overhead_ms",
         "swap.engine.ms", "swap.llmd.ms", "swap.llmd.overhead_ms",
+        "swapback.cold.ms",
+        *(f"swapback.{side}.{figure}" for side in ("plain", "kept") for figure in ("ms", "ratio", "reload_ms")),
     ]
     return keys
 
@@ -139,6 +141,11 @@ def test_smoke_run_produces_every_figure(llama_server_bin: Path, tmp_path: Path)
     cells = {(row["gpus"], row["profiles"]) for row in placement["details"]["grid"]}
     assert cells == {(g, p) for g in SMOKE.grid_gpus for p in SMOKE.grid_profiles}
     assert all(row["sweep_ms"] > 0 for row in placement["details"]["grid"])
+    # The swap-back goal is judged, and the saved prompt cache was found after the reload.
+    assert figures["swapback.kept.ratio"]["goal"] and not figures["swapback.plain.ratio"]["goal"]
+    swapback = next(s for s in document["sections"] if s["name"] == "swapback")
+    assert all(swapback["details"]["cached_tokens"]["swapback-kept"])
+    assert not any(swapback["details"]["cached_tokens"]["swapback-plain"])
     footprint = next(s for s in document["sections"] if s["name"] == "footprint")
     for name, spent in footprint["details"]["chunk_cpu"].items():
         assert spent["chunks"] > 0 and spent["cpu_seconds"] > 0, (name, spent)
