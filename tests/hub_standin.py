@@ -11,7 +11,8 @@ It serves what `hf_hub_download` and `snapshot_download` ask for:
 
 Errors carry the headers the Hub sends (`X-Error-Code: RepoNotFound | RevisionNotFound |
 EntryNotFound`), and a private repo answers 401 without `Authorization: Bearer <token>` the
-way the Hub does. Hooks cut a transfer after N bytes or corrupt a file; every request is
+way the Hub does. Hooks cut a transfer after N bytes, corrupt a file, or make GETs of it
+ignore `Range:` (as some proxies do); every request is
 recorded, and the body bytes served are counted per path (`bytes_served`). Point `huggingface_hub` at `HubStandin.url` with `endpoint=` (or `HF_ENDPOINT` in a
 fresh process).
 """
@@ -98,6 +99,7 @@ class HubStandin:
         self._served: dict[str, int] = {}
         self._cuts: dict[str, _Cut] = {}
         self._corrupt: set[str] = set()
+        self._whole: set[str] = set()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -146,6 +148,11 @@ class HubStandin:
         """Serve `path` with its first byte changed (headers still describe the real file)."""
         with self._lock:
             self._corrupt.add(path)
+
+    def ignore_ranges(self, path: str) -> None:
+        """Answer GETs of `path` with 200 and the whole file, whatever `Range:` asks for."""
+        with self._lock:
+            self._whole.add(path)
 
     def gets(self, path_suffix: str) -> list[Request]:
         """Recorded GET requests for a resolve URL ending in `path_suffix`."""
@@ -333,6 +340,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers["ETag"] = f'"{hub_file.git_sha1}"'
         status, start, end = 200, 0, len(content)
         requested = self.headers.get("Range")
+        if path in self.hub._whole:
+            requested = None
         if requested and (match := _RANGE.match(requested.strip())):
             start = int(match[1])
             end = min(int(match[2]) + 1, len(content)) if match[2] else len(content)

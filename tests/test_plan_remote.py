@@ -214,6 +214,15 @@ def test_every_part_of_a_split_gguf_is_read(hub: HubStandin, split_gguf: list[Pa
     assert len(hub.gets(split_gguf[0].name)) == 3
 
 
+def test_a_server_that_ignores_ranges_is_read_no_further_than_the_header(hub: HubStandin, big_gguf: Path,
+                                                                           tmp_path: Path) -> None:
+    hub.ignore_ranges(FILE)
+    remote = read_hub_gguf(ModelSource(hf_repo=REPO, hf_file=FILE), None, endpoint=hub.url)
+    _same(estimate_gguf(remote, 4096).breakdown(), estimate_gguf(big_gguf, 4096).breakdown())
+    assert len(hub.gets(FILE)) == 1  # the first answer held the header: no second request
+    assert not _hf_cache_holds(tmp_path / "hf-home", REPO)
+
+
 def test_a_moved_branch_is_read_again_after_a_while(hub: HubStandin, big_gguf: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     state = tmp_path / "state"
