@@ -276,7 +276,8 @@ class RelayResponse(Response):
     straight from the engine's socket to the client's under llmd's own server (`client_link`),
     through `send` elsewhere.
     Whatever ends the response (done, client gone, engine gone), the upstream response is
-    closed and the model released exactly once."""
+    closed and the model released exactly once: as soon as the engine's reply has ended, before
+    the last bytes reach a slow client, so that its slot goes to the next request at once."""
 
     def __init__(
         self,
@@ -294,6 +295,17 @@ class RelayResponse(Response):
         self._on_close = on_close
         self._on_broken = on_broken
         self._name = name
+        self._closed = False
+
+    def _close_upstream(self) -> None:
+        """Close the upstream response and release the model, the first time only."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._upstream.close()  # never waits: a cancelled request still closes upstream
+        finally:
+            self._on_close()
 
     async def _relay(self, scope: Scope, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -309,7 +321,10 @@ class RelayResponse(Response):
         except UpstreamError as exc:
             log.warning("stream from %s broke off: %r", self._name, exc)
             self._on_broken()  # an engine that broke off a reply may be dying: look at once
+            self._close_upstream()
             await send({"type": "http.response.body", "body": _stream_error(self._name), "more_body": True})
+        # The engine's part is over: what is left is llmd's writing to the client.
+        self._close_upstream()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -320,10 +335,7 @@ class RelayResponse(Response):
         except _ClientGone:
             pass
         finally:
-            try:
-                self._upstream.close()  # never waits: a cancelled request still closes upstream
-            finally:
-                self._on_close()
+            self._close_upstream()
 
 
 class _Relayed(Response):
