@@ -29,13 +29,12 @@ from llmd.daemon.http.client_link import LinkedHttpProtocol
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.http.listeners import bind_tcp, bind_unix
 from llmd.daemon.manager.core import Manager
-from llmd.daemon.models.profiles import kv_engines_of, load_profiles
 from llmd.daemon.http.anthropic import anthropic_api
 from llmd.daemon.http.proxy import BearerAuth, Proxy, build_proxy_app
 from llmd.daemon.http.responses_api import responses_api
 from llmd.daemon.http.ollama import ollama_api
 from llmd.daemon.http.request_log import RequestLog
-from llmd.daemon.manager.reload import reload_on_sighup
+from llmd.daemon.manager.reload import read_profiles, reload_on_sighup
 from llmd.daemon.util.sdnotify import notify, ping_watchdog_forever, started_by_systemd, watchdog_interval
 from llmd.daemon.util.shutdown import Shutdown, stop_within
 
@@ -123,9 +122,7 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     # Read before anything else runs: the environment systemd started the daemon with.
     systemd_variable = started_by_systemd()
     drivers = load_drivers()
-    profiles = load_profiles(server.profile_dirs, set(drivers), server.model_dirs, kv_engines_of(drivers))
-    for error in profiles.errors.values():
-        log.error("skipping invalid profile: %s", error)
+    profiles = read_profiles(config, drivers)
     server.state_dir.mkdir(parents=True, exist_ok=True)
     config.logs_dir.mkdir(parents=True, exist_ok=True)
 

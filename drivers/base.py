@@ -179,6 +179,10 @@ class Driver(Protocol):
 
     A driver may also declare `native_routes`, the client API routes its engine serves itself
     (see `NATIVE_ROUTES`). It is optional too: read it through `native_routes(driver)`.
+
+    A driver whose engine serves OpenAI's /v1/embeddings sets `supports_embeddings = True` and,
+    for a profile with `[launch] embeddings = true`, starts the engine so that it does. Profiles
+    that ask for embeddings from an engine without it are refused (see `serves_embeddings`).
     """
 
     name: str
@@ -231,6 +235,12 @@ ANTHROPIC_MESSAGES = "/v1/messages"
 ANTHROPIC_COUNT_TOKENS = "/v1/messages/count_tokens"
 OPENAI_RESPONSES = "/v1/responses"
 NATIVE_ROUTES = frozenset({ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS, OPENAI_RESPONSES})
+
+
+def serves_embeddings(driver: Driver) -> bool:
+    """Whether `driver`'s engine can serve /v1/embeddings (its `supports_embeddings`); False
+    for a driver that does not say."""
+    return getattr(driver, "supports_embeddings", False) is True
 
 
 def native_routes(driver: Driver) -> frozenset[str]:

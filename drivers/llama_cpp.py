@@ -42,6 +42,8 @@ class LlamaCppDriver:
     # llama-server serves Anthropic's Messages (tool use included, through its jinja chat
     # templates) and OpenAI's Responses itself, and counts a Messages request's tokens.
     native_routes = frozenset({ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS, OPENAI_RESPONSES})
+    # `--embeddings` serves /v1/embeddings (and then only embeddings).
+    supports_embeddings = True
 
     def launch(self, request: LaunchRequest) -> LaunchSpec:
         launch = request.profile.launch
@@ -59,6 +61,7 @@ class LlamaCppDriver:
             "--cache-type-v", launch.cache_type,
             "--fit", "off",
             *placement_args(placement),
+            *(["--embeddings"] if launch.embeddings else []),
             *kv_args(request),
             *launch.extra_args,
         ]

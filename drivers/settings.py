@@ -33,6 +33,9 @@ class LaunchSettings(BaseModel):
     offload: Literal["none", "auto", "moe-experts"] | Annotated[int, Field(ge=0, le=100_000)] = "none"
     # KV cache element type, as llama.cpp names it (f16, q8_0, ...).
     cache_type: str = "f16"
+    # Serve OpenAI's /v1/embeddings: the driver starts the engine in its embedding mode
+    # (llama-server --embeddings, vLLM --runner pooling). Such an engine may serve nothing else.
+    embeddings: bool = False
     # Engine-specific flags, appended verbatim as argv items (never through a shell).
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)

@@ -119,6 +119,8 @@ class VllmDriver:
     default_command = ["vllm", "serve"]
     # vLLM's server serves Anthropic's Messages (and counts their tokens) and OpenAI's Responses itself.
     native_routes = frozenset({ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS, OPENAI_RESPONSES})
+    # `--runner pooling` serves /v1/embeddings (vLLM 0.10 and later; it replaced `--task embed`).
+    supports_embeddings = True
 
     def launch(self, request: LaunchRequest) -> LaunchSpec:
         profile = request.profile
@@ -176,6 +178,9 @@ class VllmDriver:
             "--served-model-name", profile.name, *profile.aliases,
             "--max-model-len", str(placement.ctx),
             *kv_cache_dtype_args(launch.cache_type),
+            # A generative model is converted to an embedding model (`--convert auto`); an
+            # embedding model runs as it is.
+            *(["--runner", "pooling"] if launch.embeddings else []),
             *resources,
             *extra,
         ]

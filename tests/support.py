@@ -39,7 +39,7 @@ class FakeManager:
         self.engine = engine
         self.client: Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.profiles = SimpleNamespace(profiles={name: FakeProfile(name) for name in names})
+        self.profiles = SimpleNamespace(profiles={name: FakeProfile(name) for name in names}, aliases={})
         self.in_flight = 0
         self.acquired = 0
         self.acquire_error: Exception | None = None

@@ -27,7 +27,8 @@ def test_openai_client_loads_on_demand_and_streams(make_daemon, tiny_gguf: Path)
     daemon = make_daemon({"tiny": tiny_profile(tiny_gguf, aliases=["tiny-alias"])})
     client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused")
 
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-alias"]  # aliases are served names too
+    assert client.models.retrieve("tiny-alias").id == "tiny-alias"
     assert daemon.state("tiny") is None  # listed, but nothing started yet
 
     reply = client.chat.completions.create(

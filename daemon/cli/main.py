@@ -172,6 +172,9 @@ def ps(ctx: click.Context, as_json: bool) -> None:
     for m in models:
         if m["state"] == "failed" and m["error"]:
             click.echo(f"\n{m['model']} failed: {m['error']}", err=True)
+        if m.get("profile_error"):
+            click.echo(f"\n{m['model']}: its profile is invalid, so it runs on its last good version: "
+                       f"{m['profile_error']}", err=True)
 
 
 def _state(row: dict[str, Any]) -> str:
@@ -281,7 +284,8 @@ def list_profiles(ctx: click.Context, as_json: bool) -> None:
     click.echo(_table(rows, ["name", "engine", "profile", "state", "aliases", "ttl", "bench", "model"]))
     for p in profiles:
         if not p["valid"]:
-            click.echo(f"\n{p['error']}", err=True)
+            kept = " (its model runs on the last good version)" if p["state"] in ("ready", "starting", "sleeping") else ""
+            click.echo(f"\n{p['error']}{kept}", err=True)
 
 
 @main.command()

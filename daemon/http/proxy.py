@@ -444,12 +444,25 @@ class Proxy:
             return None
 
     async def list_models(self, request: Request) -> Response:
+        """Every name a request may use: each profile's, and each of its aliases."""
         created = int(time.time())
-        data = [
-            {"id": name, "object": "model", "created": created, "owned_by": "llmd"}
-            for name in sorted(self.manager.profiles.profiles)
-        ]
+        profiles = self.manager.profiles
+        data = [_model_object(name, created) for name in sorted([*profiles.profiles, *profiles.aliases])]
         return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(self, request: Request) -> Response:
+        """One model by name or alias (OpenAI's `GET /v1/models/{model}`), or a 404 in OpenAI's shape."""
+        name = request.path_params["model"]
+        try:
+            self.manager.resolve(name)
+        except UnknownModelError as exc:
+            return llmd_error_response(exc)
+        return JSONResponse(_model_object(name, int(time.time())))
+
+
+def _model_object(name: str, created: int) -> dict[str, Any]:
+    """OpenAI's model object."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "llmd"}
 
 
 def _failure_reply(method: str, path: str, exc: Exception) -> Response:
@@ -532,6 +545,7 @@ def build_proxy_app(
         # Their POSTs never get here (`_ModelRoutesFirst`): the routes make other methods a 405.
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()),
         Route(MODELS_LIST_ROUTE, proxy.list_models, methods=["GET"]),
+        Route(MODELS_LIST_ROUTE + "/{model}", proxy.get_model, methods=["GET"]),
         *(route for api in apis for route in api.routes),
         *extra_routes,
     ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from llmd.daemon.manager.kv_persist import KvPersist
 from llmd.daemon.manager.admission import limits_for
 from llmd.daemon.manager.loading import Loader
 from llmd.daemon.manager.parking import Parking
+from llmd.daemon.manager.profile_changes import Change, aliases_reach_engine, classify
 from llmd.daemon.manager.state import MAX_ATTEMPTS, Instance, Job, Load, State, backoff_seconds, close_client, engine_log_path
 from llmd.daemon.manager.supervision import Supervision
 from llmd.daemon.models.profiles import Profile, ProfileSet
@@ -98,38 +99,81 @@ class Manager:
                 self.run_job(self.ensure_ready, name)
 
     def reload(self, config: DaemonConfig, profiles: ProfileSet) -> dict[str, list[str]]:
-        """Take new settings and profiles (SIGHUP). Only models whose profile changed are
-        restarted; models whose profile is gone or now invalid are stopped."""
+        """Take new settings and profiles (SIGHUP), keeping what works. Returns the names of
+        the profiles `added`, and of the models `restarted` (their engine settings changed),
+        `updated` (changed, applied without a restart: see `profile_changes`), `stopped` (parked
+        with settings that changed), `kept` and `removed`.
+
+        A running model whose profile is now invalid is `kept` on its last good version, with
+        the error shown by `ls` and `ps`. A model whose profile was deleted is stopped and
+        forgotten, so that it leaves `ps` and the metrics."""
+        old = self.profiles
         self.config = config
         self.profiles = profiles
         self.planner.margin_mib = config.gpus.margin_mib
-        changes: dict[str, list[str]] = {"restarted": [], "stopped": [], "updated": []}
-        for name, inst in list(self.instances.items()):
+        changes: dict[str, list[str]] = {
+            "added": sorted(name for name in profiles.profiles if name not in old.profiles),
+            "restarted": [], "updated": [], "stopped": [], "kept": [], "removed": [],
+        }
+        for name in sorted(set(old.profiles) | set(self.instances)):
             new = profiles.profiles.get(name)
-            running = inst.state in (State.READY, State.STARTING)
-            if new is None:
-                if running or inst.state is State.SLEEPING:
-                    self.run_job(self._unload_instance, inst, "its profile was removed or is invalid")
-                    changes["stopped"].append(name)
+            error = profiles.errors.get(name) if new is None else None
+            inst = self.instances.get(name)
+            if inst is None:  # never used since llmd started: nothing runs
+                if new is None and error is None:
+                    changes["removed"].append(name)
+                elif new is not None and new.model_dump() != old.profiles[name].model_dump():
+                    changes["updated"].append(name)
                 continue
-            if new.model_dump() == inst.profile.model_dump():
-                inst.profile = new
-                continue
-            inst.profile = new
-            inst.ctx_override = None
-            inst.failures = 0
-            changes["updated"].append(name)
-            if running:
-                self.run_job(self._restart, name)
-                changes["restarted"].append(name)
-            elif inst.state is State.SLEEPING:  # parked with the old settings: the next request starts it anew
-                self.run_job(self._unload_instance, inst, "its profile changed")
-                changes["stopped"].append(name)
+            inst.profile_error = error
+            if new is not None:
+                self._take_profile(inst, new, changes)
+            elif error is None:
+                self.run_job(self._forget, inst, "its profile was removed")
+                changes["removed"].append(name)
+            elif inst.state in (State.READY, State.STARTING, State.SLEEPING):
+                profiles.keep_last_good(inst.profile, old.sources.get(name))
+                log.error("%s keeps running on its last good profile until the file is fixed: %s", name, error)
+                changes["kept"].append(name)
         return changes
+
+    def _take_profile(self, inst: Instance, new: Profile, changes: dict[str, list[str]]) -> None:
+        """Give `inst` its edited profile `new`, restarting its engine only if the engine would
+        be started differently now (see `profile_changes`)."""
+        driver = self.drivers.get(new.engine)
+
+        def reach(aliases: Sequence[str]) -> bool:
+            return driver is None or aliases_reach_engine(driver, inst.request, inst.spec, aliases)
+
+        change = classify(inst.profile, new, reach)
+        inst.profile = new
+        if change is Change.NONE:
+            return
+        if change is Change.IN_PLACE:
+            changes["updated"].append(inst.name)
+            return
+        # The engine settings changed: the next start begins afresh, without the old ones' failures.
+        inst.ctx_override = None
+        inst.failures = 0
+        if inst.state in (State.READY, State.STARTING):
+            self.run_job(self._restart, inst.name)
+            changes["restarted"].append(inst.name)
+        elif inst.state is State.SLEEPING:  # parked with the old settings: the next request starts it anew
+            self.run_job(self._unload_instance, inst, "its profile changed")
+            changes["stopped"].append(inst.name)
+        else:
+            changes["updated"].append(inst.name)
 
     async def _restart(self, name: str) -> None:
         await self.unload(name, "its profile changed")
         await self.ensure_ready(name)
+
+    async def _forget(self, inst: Instance, reason: str) -> None:
+        """Stop `inst` and drop it, unless a profile of its name came back meanwhile."""
+        await self._unload_instance(inst, reason)
+        gone = inst.state in (State.STOPPED, State.FAILED)
+        if gone and self.instances.get(inst.name) is inst and inst.name not in self.profiles.profiles:
+            del self.instances[inst.name]
 
     def run_job(self, action: Callable[..., Awaitable[object]], *args: object) -> Job:
         """Run `action(*args)` in the manager's task group; its LlmdError lands in the Job."""
@@ -349,6 +393,7 @@ class Manager:
         """The instance holds nothing any more: no engine, no claim."""
         inst.engine = None
         inst.spec = None
+        inst.request = None
         inst.parked = None
         inst.state = state
         inst.progress = ""

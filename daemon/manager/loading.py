@@ -176,7 +176,7 @@ class Loader:
                               str(manager.config.server.state_dir))
         started.append(engine)
         manager.ledger.add(engine)
-        inst.engine, inst.spec = engine, spec
+        inst.engine, inst.spec, inst.request = engine, spec, request
         manager.planner.claim(profile.name, engine.pid, request.placement.per_card())
         inst.progress = f"waiting for {inst.profile.engine} (pid {engine.pid}) to load the model"
         log.info("starting %s: pid %d port %d, %s", profile.name, engine.pid, request.port, request.placement.reason or "placed")

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
 
+from llmd.drivers.base import Driver
+
 from llmd.daemon.config import DaemonConfig, load_config
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.manager.core import Manager
-from llmd.daemon.models.profiles import ProfileSet, kv_engines_of, load_profiles
+from llmd.daemon.models.profiles import ProfileSet, embedding_engines_of, kv_engines_of, load_profiles
 from llmd.daemon.util.sdnotify import notify
 
 log = logging.getLogger(__name__)
@@ -25,17 +28,45 @@ _NEEDS_RESTART = (
 _SECTIONS_NEEDING_RESTART = ("metrics", "dashboard")
 
 
-def reload_profiles(manager: Manager, config: DaemonConfig) -> tuple[ProfileSet, dict[str, list[str]]]:
-    """Read the profiles from `config`'s dirs and hand them to the manager, which restarts only
-    the models whose profile changed. Returns the profiles found and what changed."""
+# How the reload's log line names each kind of change (`Manager.reload`).
+_CHANGE_WORDS = {
+    "added": "added",
+    "restarted": "changed (engine restarted)",
+    "updated": "changed (applied without a restart)",
+    "stopped": "stopped (parked engine whose profile changed)",
+    "kept": "kept on its last good version (the profile is invalid)",
+    "removed": "removed",
+}
+
+
+def read_profiles(config: DaemonConfig, drivers: Mapping[str, Driver]) -> ProfileSet:
+    """The daemon's profiles, checked against the installed drivers and with their local model
+    files required; each problem is logged (a missing profile directory, an invalid file)."""
+    server = config.server
     profiles = load_profiles(
-        config.server.profile_dirs, set(manager.drivers), config.server.model_dirs, kv_engines_of(manager.drivers)
+        server.profile_dirs, set(drivers), server.model_dirs, kv_engines_of(drivers),
+        embedding_engines=embedding_engines_of(drivers), require_model_files=True,
     )
+    for directory in profiles.missing_dirs:
+        log.warning(
+            "profile directory %s does not exist, so no profiles are read from it; create it (`llmd init`) "
+            "or fix [server] profile_dirs in llmd.toml", directory,
+        )
     for error in profiles.errors.values():
         log.error("skipping invalid profile: %s", error)
+    return profiles
+
+
+def reload_profiles(manager: Manager, config: DaemonConfig) -> tuple[ProfileSet, dict[str, list[str]]]:
+    """Read the profiles from `config`'s dirs and hand them to the manager, which restarts only
+    the models whose engine settings changed. Returns the profiles found and what changed."""
+    profiles = read_profiles(config, manager.drivers)
     changes = manager.reload(config, profiles)
-    summary = ", ".join(f"{what}: {', '.join(names)}" for what, names in changes.items() if names) or "no running model changed"
-    log.info("reloaded %d profiles (%d invalid); %s", len(profiles.profiles), len(profiles.errors), summary)
+    summary = "; ".join(
+        f"{_CHANGE_WORDS.get(what, what)}: {', '.join(names)}" for what, names in changes.items() if names
+    ) or "nothing changed"
+    valid = len(profiles.profiles) - len(profiles.kept)
+    log.info("reloaded %d profiles (%d invalid): %s", valid, len(profiles.errors), summary)
     return profiles, changes
 
 

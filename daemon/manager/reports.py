@@ -61,6 +61,8 @@ def status(manager: Manager) -> list[dict[str, Any]]:
                 "kv_restored_tokens": manager.kv.restored_tokens(name) if engine else 0,
                 "progress": progress_of(manager, inst) or None,
                 "error": inst.error,
+                # The profile's file is invalid: the model runs on its last good version.
+                "profile_error": inst.profile_error,
                 "log": str(engine_log_path(manager.config, name)),
             }
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio
 
-from llmd.drivers.base import LaunchSpec, Placement
+from llmd.drivers.base import LaunchRequest, LaunchSpec, Placement
 
 from llmd.daemon.config import DaemonConfig
 from llmd.daemon.engines.supervisor import EngineProcess
@@ -94,6 +94,11 @@ class Instance:
     # Set after an out-of-memory load: the context the next loads use instead of the profile's.
     ctx_override: int | None = None
     spec: LaunchSpec | None = None
+    # What the running engine was started from (`spec` is what the driver made of it): a reload
+    # asks the driver again with an edited profile, to tell whether the engine must restart.
+    request: LaunchRequest | None = None
+    # Set while the profile's file is invalid and the model runs on its last good version.
+    profile_error: str | None = None
     # Set to make the health monitor probe at once (a proxied request just failed).
     probe_now: anyio.Event = field(default_factory=anyio.Event)
     # Pooled keep-alive connections to this engine, for proxied requests; closed before the

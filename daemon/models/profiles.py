@@ -17,7 +17,7 @@ from llmd.daemon.util.durations import parse_duration
 from llmd.daemon.errors import ConfigError
 from llmd.daemon.models.names import NAME_PATTERN, check_model_name  # noqa: F401 (re-exported)
 from llmd.daemon.util.validation import read_toml, validate_file_data
-from llmd.drivers.base import Driver, persists_kv
+from llmd.drivers.base import Driver, persists_kv, serves_embeddings
 from llmd.drivers.settings import LaunchSettings
 
 _Strict = ConfigDict(extra="forbid")
@@ -129,6 +129,10 @@ class ProfileSet:
     profiles: dict[str, Profile] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     sources: dict[str, Path] = field(default_factory=dict)
+    # Profile directories that do not exist (nothing was read from them).
+    missing_dirs: list[Path] = field(default_factory=list)
+    # Names served on in their last good version while their file is invalid (see `keep_last_good`).
+    kept: set[str] = field(default_factory=set)
     _aliases: dict[str, str] = field(default_factory=dict)
 
     def resolve(self, model: str) -> Profile | None:
@@ -138,19 +142,42 @@ class ProfileSet:
             profile = self.profiles[self._aliases[model]]
         return profile
 
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Each alias with the name of the profile it serves."""
+        return dict(self._aliases)
+
+    def keep_last_good(self, profile: Profile, source: Path | None) -> None:
+        """Serve `profile`, the last good version of a file that is now invalid, under its name and
+        whichever of its aliases no valid profile took meanwhile; its error stays in `errors`."""
+        if profile.name in self.profiles or profile.name in self._aliases:
+            return
+        self.profiles[profile.name] = profile
+        self.kept.add(profile.name)
+        if source is not None:
+            self.sources.setdefault(profile.name, source)
+        for alias in profile.aliases:
+            if alias not in self.profiles and alias not in self._aliases:
+                self._aliases[alias] = profile.name
+
 
 def load_profile(
     path: Path,
     known_engines: set[str] | None = None,
     model_dirs: Sequence[Path] = (),
     kv_engines: Collection[str] | None = None,
+    *,
+    embedding_engines: Collection[str] | None = None,
+    require_model_file: bool = False,
 ) -> Profile:
     """Read one profile file; raise ConfigError naming the file, the field and the fix.
 
     With `model_dirs`, a local model path must lie inside one of them once symlinks and `..`
     are resolved, and the profile then names the resolved file, so the engine opens exactly
     the file that was checked. With `kv_engines` (the engines whose driver can save and restore
-    a prompt cache), `[policy] persist_kv` is refused for any other engine.
+    a prompt cache), `[policy] persist_kv` is refused for any other engine; with
+    `embedding_engines`, so is `[launch] embeddings`. With `require_model_file` (the daemon's
+    profiles), a local model path must exist: a profile whose model is missing is not served.
     """
     try:
         name = check_model_name(path.stem)
@@ -173,6 +200,17 @@ def load_profile(
         profile.model.path = (path.parent / profile.model.path).resolve()
     if profile.model.path is not None and model_dirs:
         profile.model.path = _inside_model_dirs(path, profile.model.path, model_dirs)
+    if profile.launch.embeddings and embedding_engines is not None and profile.engine not in embedding_engines:
+        able = ", ".join(sorted(embedding_engines)) or "none of the installed drivers"
+        raise ConfigError(
+            f"{path}: launch.embeddings: the {profile.engine} engine cannot serve /v1/embeddings "
+            f"(engines that can: {able}); remove embeddings from this profile, or use one of those engines"
+        )
+    if require_model_file and profile.model.path is not None and not profile.model.path.exists():
+        raise ConfigError(
+            f"{path}: model.path: {profile.model.path} does not exist; fix the path, or put the model there "
+            "and reload (SIGHUP, `systemctl reload llmd`)"
+        )
     return profile
 
 
@@ -194,24 +232,37 @@ def kv_engines_of(drivers: Mapping[str, Driver]) -> set[str]:
     return {name for name, driver in drivers.items() if persists_kv(driver)}
 
 
+def embedding_engines_of(drivers: Mapping[str, Driver]) -> set[str]:
+    """The engines among `drivers` that serve /v1/embeddings (`[launch] embeddings`)."""
+    return {name for name, driver in drivers.items() if serves_embeddings(driver)}
+
+
 def load_profiles(
     dirs: list[Path],
     known_engines: set[str] | None = None,
     model_dirs: Sequence[Path] = (),
     kv_engines: Collection[str] | None = None,
+    *,
+    embedding_engines: Collection[str] | None = None,
+    require_model_files: bool = False,
 ) -> ProfileSet:
     """Every `*.toml` in `dirs`. A name or alias already taken is an error for the later file.
 
     `model_dirs`, when not empty, confines local model paths; `kv_engines` checks
-    `persist_kv` (see `load_profile`)."""
+    `persist_kv`, `embedding_engines` `embeddings`, and `require_model_files` that local model
+    files exist (see `load_profile`). A directory that does not exist is listed in `missing_dirs`."""
     result = ProfileSet()
     for directory in dirs:
         if not directory.is_dir():
+            result.missing_dirs.append(directory)
             continue
         for path in sorted(directory.glob("*.toml")):
             key = path.stem
             try:
-                profile = load_profile(path, known_engines, model_dirs, kv_engines)
+                profile = load_profile(
+                    path, known_engines, model_dirs, kv_engines,
+                    embedding_engines=embedding_engines, require_model_file=require_model_files,
+                )
             except ConfigError as exc:
                 result.errors[key] = str(exc)
                 result.sources[key] = path

@@ -56,7 +56,8 @@ class ManagementApi:
             {
                 "name": name,
                 "engine": profile.engine,
-                "valid": True,
+                # A kept profile's file is invalid: its model runs on the last good version.
+                "valid": name not in found.kept,
                 "aliases": profile.aliases,
                 "model": str(profile.model.path or profile.model.hf_repo),
                 "ttl": profile.policy.ttl,
@@ -65,7 +66,7 @@ class ManagementApi:
                 "parallel": profile.launch.parallel,
                 "state": self.manager.instances[name].state.value if name in self.manager.instances else "stopped",
                 "source": str(found.sources[name]),
-                "error": None,
+                "error": found.errors.get(name) if name in found.kept else None,
                 "bench": bench_headline(self.manager.config.server.state_dir, name),
             }
             for name, profile in found.profiles.items()
@@ -74,6 +75,7 @@ class ManagementApi:
             {"name": name, "engine": None, "valid": False, "aliases": [], "model": None, "ttl": None,
              "ctx": None, "parallel": None, "state": None, "source": str(found.sources[name]), "error": error, "bench": None}
             for name, error in found.errors.items()
+            if name not in found.kept
         ]
         return JSONResponse({"profiles": sorted(rows, key=lambda row: row["name"])})
 
