@@ -92,6 +92,10 @@ class ServerConfig(BaseModel):
     request_log: Annotated[int, Field(ge=0, le=100_000)] = 200
     # Whether the request log also keeps each request's and reply's body (the first 32 KiB of each).
     log_bodies: bool = False
+    # Each engine's log (state_dir/logs/MODEL.log) and the daemon's own (state_dir/llmd.log) is
+    # renamed to FILE.1 once it reaches this size, and `log_keep` such old files are kept.
+    log_max_mib: Annotated[float, Field(gt=0, le=1_048_576)] = 50.0
+    log_keep: Annotated[int, Field(ge=1, le=100)] = 3
     # Disk that saved prompt caches (profiles with `[policy] persist_kv`) may take in all, under
     # state_dir/kv; past it, the least recently used saves are deleted first.
     kv_max_gib: Annotated[float, Field(ge=0, le=1_048_576)] = 16.0
@@ -207,6 +211,11 @@ class DaemonConfig(BaseModel):
     @property
     def logs_dir(self) -> Path:
         return self.server.state_dir / "logs"
+
+    @property
+    def daemon_log(self) -> Path:
+        """The daemon's own log file (outside `logs_dir`, where any name may be a model's)."""
+        return self.server.state_dir / "llmd.log"
 
 
 def load_config(path: Path | None) -> DaemonConfig:

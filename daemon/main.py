@@ -35,6 +35,9 @@ from llmd.daemon.http.responses_api import responses_api
 from llmd.daemon.http.ollama import ollama_api
 from llmd.daemon.http.request_log import RequestLog
 from llmd.daemon.manager.reload import read_profiles, reload_on_sighup
+from llmd.daemon.util.daemon_log import FORMAT as LOG_FORMAT
+from llmd.daemon.util.daemon_log import log_to_file
+from llmd.daemon.util.rotating_log import LogLimits
 from llmd.daemon.util.sdnotify import notify, ping_watchdog_forever, started_by_systemd, watchdog_interval
 from llmd.daemon.util.shutdown import Shutdown, stop_within
 
@@ -213,12 +216,13 @@ def main() -> None:
               help="llmd.toml to use (default: $LLMD_CONFIG, then ~/.config/llmd/llmd.toml)")
 def serve_command(config_path: Path | None) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     # httpx logs a line per request: downloads and sleep/wake calls would flood the journal.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         path = config_path_from_env(config_path)
         config = load_config(path)
+        log_to_file(config.daemon_log, LogLimits.from_mib(config.server.log_max_mib, config.server.log_keep))
         anyio.run(serve, config, path, backend_options={"use_uvloop": True})
     except LlmdError as exc:
         click.echo(f"llmd: {exc}", err=True)

@@ -25,6 +25,7 @@ from llmd.drivers.base import LaunchSpec
 
 from llmd.daemon.util import loopback
 from llmd.daemon.errors import EngineStartError
+from llmd.daemon.util.rotating_log import LogLimits, RotatingLog, copy_into
 
 log = logging.getLogger(__name__)
 
@@ -227,29 +228,52 @@ OWNER_ENV = "LLMD_OWNER"
 MODEL_ENV = "LLMD_MODEL"
 
 
-def spawn_engine(name: str, spec: LaunchSpec, port: int, log_path: Path, owner: str) -> EngineProcess:
+def spawn_engine(
+    name: str, spec: LaunchSpec, port: int, log_path: Path, owner: str, log_limits: LogLimits | None = None
+) -> EngineProcess:
     """Start `spec.argv` directly (never through a shell), output appended to `log_path`.
 
-    `owner` (the daemon's state dir) is recorded in the engine's environment.
+    `owner` (the daemon's state dir) is recorded in the engine's environment. With `log_limits`,
+    the engine writes into a pipe that a thread copies into the log, rotating it at the cap (see
+    `rotating_log`); without, straight into the file.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **spec.env, OWNER_ENV: owner, MODEL_ENV: name}
-    with log_path.open("ab") as log_file:
-        header = f"\n===== llmd: starting {name} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {spec.argv}\n"
-        log_file.write(header.encode())
-        log_file.flush()
+    header = f"\n===== llmd: starting {name} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {spec.argv}\n".encode()
+    if log_limits is None:
+        with log_path.open("ab") as log_file:
+            log_file.write(header)
+            log_file.flush()
+            popen = _popen(name, spec, env, log_file.fileno())
+    else:
+        target = RotatingLog(log_path, log_limits)
+        target.write(header)
+        read_end, write_end = os.pipe()
         try:
-            popen = subprocess.Popen(
-                spec.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-                close_fds=True,
-            )
-        except OSError as exc:
-            reason = "not found" if exc.errno == errno.ENOENT else exc.strerror
-            raise EngineStartError(f"cannot start engine for {name!r}: {spec.argv[0]}: {reason}") from None
+            popen = _popen(name, spec, env, write_end)
+        except BaseException:
+            os.close(read_end)
+            target.close()
+            raise
+        finally:
+            os.close(write_end)  # the engine holds it now: the pipe ends when the engine's side closes
+        copy_into(read_end, target, name)
     return EngineProcess(name=name, argv=list(spec.argv), port=port, log_path=log_path, popen=popen)
+
+
+def _popen(name: str, spec: LaunchSpec, env: dict[str, str], output: int) -> subprocess.Popen[bytes]:
+    """Start the engine in a session of its own, its stdout and stderr on `output`."""
+    try:
+        return subprocess.Popen(
+            spec.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            close_fds=True,
+        )
+    except OSError as exc:
+        reason = "not found" if exc.errno == errno.ENOENT else exc.strerror
+        raise EngineStartError(f"cannot start engine for {name!r}: {spec.argv[0]}: {reason}") from None

@@ -22,6 +22,7 @@ from llmd.daemon.engines.supervisor import EngineProcess, free_port, process_tre
 from llmd.daemon.errors import EngineStartError, LlmdError, NoRoomError
 from llmd.daemon.http.upstream import Pool
 from llmd.daemon.manager.admission import hold_after
+from llmd.daemon.util.rotating_log import LogLimits
 from llmd.daemon.manager.state import ENGINE_HOST, Instance, Load, State, close_client, engine_log_path, looks_like_oom
 from llmd.daemon.models.downloads import DownloadProgress, resolve_cached
 from llmd.daemon.models.profiles import Profile
@@ -172,8 +173,9 @@ class Loader:
         manager = self.manager
         profile = request.profile
         spec = driver.launch(request)
+        server = manager.config.server
         engine = spawn_engine(profile.name, spec, request.port, engine_log_path(manager.config, profile.name),
-                              str(manager.config.server.state_dir))
+                              str(server.state_dir), LogLimits.from_mib(server.log_max_mib, server.log_keep))
         started.append(engine)
         manager.ledger.add(engine)
         inst.engine, inst.spec, inst.request = engine, spec, request

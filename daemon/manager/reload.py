@@ -16,6 +16,8 @@ from llmd.daemon.config import DaemonConfig, load_config
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.manager.core import Manager
 from llmd.daemon.models.profiles import ProfileSet, embedding_engines_of, kv_engines_of, load_profiles
+from llmd.daemon.util.daemon_log import set_limits
+from llmd.daemon.util.rotating_log import LogLimits
 from llmd.daemon.util.sdnotify import notify
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ def reload_now(manager: Manager, config_path: Path | None) -> None:
         if getattr(config, section) != getattr(manager.config, section):
             log.warning("[%s] changed: it takes effect when llmd restarts", section)
             setattr(config, section, getattr(manager.config, section))
+    set_limits(LogLimits.from_mib(config.server.log_max_mib, config.server.log_keep))
     profiles, _ = reload_profiles(manager, config)
     notify("READY=1", f"STATUS=reloaded: {len(profiles.profiles)} profiles")
 
