@@ -138,3 +138,11 @@ def test_a_lazy_command_runs_and_is_suggested(tmp_path: Path) -> None:
     assert "llmd.daemon.cli.profile" in modules
     misspelt, _ = run_probe(tmp_path, "doctr")
     assert misspelt.returncode == 2 and "Did you mean 'doctor'?" in misspelt.stderr
+
+
+@pytest.mark.parametrize("command", ["load", "plan", "unload", "logs"])
+def test_a_model_command_checks_the_name_without_pydantic(tmp_path: Path, command: str) -> None:
+    result, modules = run_probe(tmp_path, "--socket", str(tmp_path / "absent.sock"), command, "tiny")
+    assert result.returncode == 3 and "cannot reach llmd on" in result.stderr
+    assert "llmd.daemon.models.names" in modules  # the name was checked, by the module without pydantic
+    assert heavy_imports(modules) == []
