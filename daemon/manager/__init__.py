@@ -19,7 +19,8 @@ Where each piece lives:
   `finish_stop` before the engine is stopped, restored by the load path before the model is
   reported ready.
 - `reports`: read-only views (`status`, progress, `plan_preview`, `gpu_report`, log tails).
-- `reload`: re-reading the settings and profiles while running.
+- `reload`: re-reading the settings and profiles while running; `profile_changes`: whether an
+  edited profile needs its engine restarted, or applies in place.
 
 The ownership rule: only the Manager adds instances, and every state change, wherever its code
 lives, happens on the event loop with no await between the check and the change it guards
