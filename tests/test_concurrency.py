@@ -394,9 +394,10 @@ def test_interleaved_requests_for_two_models_that_cannot_both_fit_are_grouped(
 def test_a_busy_model_is_held_so_a_waiting_swap_is_served_within_queue_timeout(make_daemon, tmp_path: Path) -> None:
     model = _wide_model(tmp_path)
     profiles = {name: _profile(model, "", vram=1200, ctx=512) for name in ("a", "b")}
-    daemon = _one_card_daemon(make_daemon, tmp_path, profiles, queue_timeout=8)
+    # Half of queue_timeout for a to keep taking requests, the other half for them to drain.
+    daemon = _one_card_daemon(make_daemon, tmp_path, profiles, queue_timeout=16)
     daemon.llmctl("load", "a")
-    # Two clients keep a busy without a gap: one request always waits for the other's slot.
+    # Three clients keep a busy without a gap: requests always wait for its one slot.
     stop = threading.Event()
     a_results: list[int | None] = []
 
@@ -406,10 +407,10 @@ def test_a_busy_model_is_held_so_a_waiting_swap_is_served_within_queue_timeout(m
             stream.run()
             a_results.append(stream.status)
 
-    clients = [threading.Thread(target=keep_a_busy, daemon=True) for _ in range(2)]
+    clients = [threading.Thread(target=keep_a_busy, daemon=True) for _ in range(3)]
     for client in clients:
         client.start()
-    wait_until(lambda: _metric(daemon, "llmd_queue_depth", model="a") >= 1, timeout=60, what="a request queued for a")
+    wait_until(lambda: _metric(daemon, "llmd_queue_depth", model="a") >= 2, timeout=60, what="requests queued for a")
     began = time.monotonic()
     b = Stream(daemon, "b", 20)
     b.run()
@@ -419,6 +420,6 @@ def test_a_busy_model_is_held_so_a_waiting_swap_is_served_within_queue_timeout(m
         client.join(240)
     # Without the hold, a would never be idle and b would get 503 after queue_timeout.
     assert b.status == 200, b.raw
-    assert waited < 8 + 30  # queue_timeout, plus b's own load
+    assert waited < 16 + 30  # queue_timeout, plus b's own load
     assert "evicted to make room" in daemon.log()
     assert 200 in a_results
