@@ -15,6 +15,11 @@ from conftest import engine_processes, tiny_profile, wait_until
 from llmd.daemon.cli.shutdown import process_running
 from llmd.daemon.util.sdnotify import started_by_systemd
 from llmd.daemon.util.shutdown import Shutdown
+from support import daemon_with_server_settings
+
+# Long enough for the stream below on a busy machine, where llama-server's threads compete for
+# the cores and generation slows down many times over.
+SHUTDOWN_GRACE_S = 150
 
 
 def _engine_pid(daemon, name: str) -> int:  # type: ignore[no-untyped-def]
@@ -31,7 +36,8 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.engine
 def test_shutdown_finishes_the_stream_stops_the_engine_and_exits_0(make_daemon, tiny_gguf: Path) -> None:  # type: ignore[no-untyped-def]
-    daemon = make_daemon({"tiny": tiny_profile(tiny_gguf, ctx=4096)})
+    daemon = daemon_with_server_settings(make_daemon, f"shutdown_grace = {SHUTDOWN_GRACE_S}\n",
+                                         {"tiny": tiny_profile(tiny_gguf, ctx=4096)})
     daemon.llmctl("load", "tiny")
     engine_pid = _engine_pid(daemon, "tiny")
     assert psutil.pid_exists(engine_pid)
@@ -56,7 +62,7 @@ def test_shutdown_finishes_the_stream_stops_the_engine_and_exits_0(make_daemon, 
     streaming = threading.Thread(target=stream)
     streaming.start()
     assert started.wait(timeout=20)
-    result = daemon.llmctl("shutdown", timeout=120)
+    result = daemon.llmctl("shutdown", timeout=SHUTDOWN_GRACE_S + 60)
     streaming.join(60)
 
     assert results == [(200, True)]  # the reply in flight ran to its end
