@@ -79,6 +79,7 @@ def test_shutdown_finishes_the_stream_stops_the_engine_and_exits_0(make_daemon, 
 def test_a_daemon_under_systemd_refuses_and_stays_up(make_daemon, tiny_gguf: Path,  # type: ignore[no-untyped-def]
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")  # what systemd sets for a unit
+    monkeypatch.delenv("SYSTEMD_EXEC_PID", raising=False)  # the test's own, if it runs inside a unit
     daemon = make_daemon({"tiny": tiny_profile(tiny_gguf)})
     monkeypatch.delenv("INVOCATION_ID")
     daemon.llmctl("load", "tiny")
@@ -97,6 +98,9 @@ def test_the_daemon_knows_systemd_by_its_variables() -> None:
     assert started_by_systemd({"INVOCATION_ID": "abc"}) == "INVOCATION_ID"
     assert started_by_systemd({"NOTIFY_SOCKET": "/run/systemd/notify", "INVOCATION_ID": "abc"}) == "NOTIFY_SOCKET"
     assert started_by_systemd({"NOTIFY_SOCKET": ""}) is None
+    # systemd started this very process, or a process above it (a terminal run as a user service).
+    assert started_by_systemd({"INVOCATION_ID": "abc", "SYSTEMD_EXEC_PID": str(os.getpid())}) == "INVOCATION_ID"
+    assert started_by_systemd({"INVOCATION_ID": "abc", "SYSTEMD_EXEC_PID": "1"}) is None
     assert Shutdown(lambda who: None, None, 1.0).refusal() is None
     assert "systemctl stop llmd" in (Shutdown(lambda who: None, "NOTIFY_SOCKET", 1.0).refusal() or "")
 

@@ -18,6 +18,9 @@ WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
 WATCHDOG_PID_ENV = "WATCHDOG_PID"
 # systemd sets it for every process of a unit it starts, whatever the unit's Type.
 INVOCATION_ID_ENV = "INVOCATION_ID"
+# systemd 248 and later: the pid of the process it started. A shell in a terminal that runs as a
+# user service inherits the terminal's $INVOCATION_ID and this, with the terminal's pid.
+EXEC_PID_ENV = "SYSTEMD_EXEC_PID"
 
 
 def started_by_systemd(environ: Mapping[str, str] | None = None) -> str | None:
@@ -25,10 +28,16 @@ def started_by_systemd(environ: Mapping[str, str] | None = None) -> str | None:
     systemd did not start it.
 
     Read it at startup: the environment is what systemd gave the process then. A shell inside
-    another systemd unit (a terminal that runs as a user service) may pass $INVOCATION_ID on too,
-    which is why a refusal that rests on this names the variable."""
+    another systemd unit (a terminal that runs as a user service) passes $INVOCATION_ID on too;
+    $SYSTEMD_EXEC_PID, where systemd sets it, tells the two apart, since it names the process
+    systemd started. A refusal that rests on this names the variable all the same."""
     env = os.environ if environ is None else environ
-    return next((name for name in (NOTIFY_SOCKET_ENV, INVOCATION_ID_ENV) if env.get(name)), None)
+    if env.get(NOTIFY_SOCKET_ENV):
+        return NOTIFY_SOCKET_ENV
+    exec_pid = env.get(EXEC_PID_ENV)
+    if env.get(INVOCATION_ID_ENV) and (not exec_pid or exec_pid == str(os.getpid())):
+        return INVOCATION_ID_ENV
+    return None
 
 
 def notify(*messages: str) -> bool:
