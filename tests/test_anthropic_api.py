@@ -242,6 +242,20 @@ def test_sse_reader_joins_events_split_across_pieces() -> None:
 # ----- the proxy app, in-process, over a scripted OpenAI engine -----
 
 
+# An Anthropic stream as llama-server sends it when its first token is part of a character: with
+# no message_start.
+NATIVE_STREAM_WITHOUT_START = b"".join(
+    f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+    for event in (
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "native"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": None}, "usage": {"output_tokens": 1}},
+        {"type": "message_stop"},
+    )
+)
+
+
 class ScriptedEngine(FakeEngine):
     """An OpenAI (and, where `native`, Anthropic) server with scripted answers: a chat request
     with tools whose last message is the user's calls `get_weather`; any other answers text.
@@ -253,6 +267,8 @@ class ScriptedEngine(FakeEngine):
         self.requests.append(request)
         body = json.loads(request.content)
         path = request.url.path
+        if path == "/v1/messages" and body.get("stream"):
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=NATIVE_STREAM_WITHOUT_START)
         if path == "/v1/messages":
             return httpx.Response(200, json={"type": "message", "native": True, "content": [], "usage": {"input_tokens": 4, "output_tokens": 2}})
         if path == "/v1/messages/count_tokens":
@@ -392,6 +408,15 @@ def test_an_engine_that_serves_the_routes_gets_the_request_as_it_came(scripted) 
     assert engine.requests[-1].headers["anthropic-version"]  # the client's own headers go along
     assert client.messages.count_tokens(model="native", messages=[{"role": "user", "content": "hi"}]).input_tokens == 42
     assert engine.requests[-1].url.path == "/v1/messages/count_tokens"
+
+
+def test_a_native_stream_without_message_start_gets_one(scripted) -> None:  # type: ignore[no-untyped-def]
+    client, manager, _, _ = scripted
+    with client.messages.stream(model="native", max_tokens=1, messages=[{"role": "user", "content": "hi"}]) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert kinds[0] == "message_start" and final.content[0].text == "native" and final.model == "native"
+    assert final.stop_reason == "max_tokens" and manager.in_flight == 0
 
 
 def test_counting_tokens_on_an_engine_that_cannot_is_a_404_naming_it(scripted) -> None:  # type: ignore[no-untyped-def]

@@ -3,8 +3,8 @@
 model's engine serves the route itself (its driver's `native_routes`), and exchange a request
 with the engine, every refusal in the route's own API shape (`ErrorReply`).
 
-It builds on proxy.py's request handling (reading the body under its deadline, parsing it, the
-cancellation when the client leaves), which does the same for OpenAI's routes.
+It builds on proxy.py's request handling (reading the body under its deadline, parsing it,
+relaying a reply), which does the same for OpenAI's routes.
 """
 
 from __future__ import annotations
@@ -20,17 +20,7 @@ from llmd.daemon.errors import LlmdError, UnknownModelError
 from llmd.daemon.http.error_status import status_of
 from llmd.daemon.http.metrics import ASKED_MODEL_KEY, name_model
 from llmd.daemon.http.openai_errors import CLIENT_GONE
-from llmd.daemon.http.proxy import (
-    _CLOSE,
-    BadRequest,
-    Proxy,
-    _ClientLeft,
-    _forward_headers,
-    _read_body,
-    _Relayed,
-    RelayResponse,
-    parse_request,
-)
+from llmd.daemon.http.proxy import BadRequest, Proxy, RelayResponse, _forward_headers, _Relayed, parse_request
 from llmd.daemon.http.upstream import Headers, UpstreamError, find_header
 from llmd.daemon.http.upstream import Response as UpstreamResponse
 from llmd.drivers.base import native_routes
@@ -70,20 +60,17 @@ async def read_model_request(proxy: Proxy, scope: Scope, receive: Receive, error
     is too large, late, not a JSON object with a `model`, or names no profile."""
     try:
         # Read before a model is acquired: a slow client holds a connection, never a model.
-        body = await _read_body(scope, receive, proxy.body_timeout)
+        body = await proxy.read_body(scope, receive)
+        if body is None:  # the client left while sending it
+            raise Refused(Response(status_code=CLIENT_GONE))
         content_type = find_header(scope["headers"], b"content-type")
         asked, payload = parse_request(body, None if content_type is None else content_type.decode("latin-1"))
         scope[ASKED_MODEL_KEY] = asked  # for the request log, should the name match no profile
         profile = proxy.manager.resolve(asked)
     except BadRequest as exc:
         raise Refused(error(exc.status, exc.message, param=exc.param, headers=exc.headers)) from None
-    except TimeoutError:
-        message = f"request body did not arrive within {proxy.body_timeout:g}s; send the whole body without pausing"
-        raise Refused(error(408, message, headers=_CLOSE)) from None
     except UnknownModelError as exc:
         raise Refused(error(404, str(exc), code="model_not_found", param="model")) from None
-    except _ClientLeft:
-        raise Refused(Response(status_code=CLIENT_GONE)) from None
     name_model(scope, profile.name)  # for the metrics, which label the request by the model it reached
     if asked != profile.name:
         body = json.dumps({**payload, "model": profile.name}).encode()
