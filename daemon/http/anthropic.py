@@ -85,9 +85,7 @@ class AnthropicEndpoint:
             if serves_natively(self.proxy, request.engine, path):
                 work: Callable[[], Awaitable[Response]] = partial(self._native, scope, request)
             elif path == ANTHROPIC_COUNT_TOKENS:
-                return route_not_served(
-                    anthropic_error, request, path, "count tokens on a llama-cpp or vllm model, or leave the count to the reply's usage"
-                )
+                return route_not_served(anthropic_error, request, path, "a reply's `usage` counts the tokens of its request")
             else:
                 work = self._translation(scope, request)
             return await _unless_disconnected(scope, receive, work)

@@ -431,6 +431,8 @@ class StreamTranslator:
             self._tool_blocks[index] = self._block
             self._called_tools = True
         arguments = function.get("arguments")
+        # Anthropic's blocks follow one another; the engines send a call's pieces before the next
+        # call starts. A piece for a call whose block was closed has nowhere to go.
         if isinstance(arguments, str) and arguments and self._tool_blocks[index] == self._block:
             events.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
         return events
