@@ -253,8 +253,25 @@ def make_daemon(tmp_path: Path, llama_server_bin: Path) -> Iterator:
     for daemon in started:
         if daemon.process is not None and daemon.process.poll() is None:
             daemon.stop(signal.SIGKILL)
-        for proc in engine_processes(daemon.state_dir):
+        kill_and_wait(engine_processes(daemon.state_dir))
+
+
+def kill_and_wait(processes: list[psutil.Process], timeout: float = 30) -> None:
+    """SIGKILL `processes` and wait until they are gone, so the next test starts on a quiet machine."""
+    for proc in processes:
+        try:
             proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    wait_until(lambda: not any(map(_alive, processes)), timeout=timeout, what=f"{processes} to exit after SIGKILL")
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Whether the process still runs (a zombie only waits for its parent to reap it)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def tiny_profile(

@@ -27,6 +27,13 @@ def _engine_pid(daemon, model: str = "tiny") -> int:  # type: ignore[no-untyped-
     return next(row["pid"] for row in daemon.ps() if row["model"] == model)
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_engine_killed_mid_stream_then_restarts(make_daemon, tiny_gguf: Path) -> None:
     daemon = make_daemon({"tiny": tiny_profile(tiny_gguf)})
     daemon.llmctl("load", "tiny")
@@ -48,15 +55,15 @@ def test_engine_killed_mid_stream_then_restarts(make_daemon, tiny_gguf: Path) ->
     assert "restarting tiny in 1s" in daemon.log()
 
 
-def test_hung_engine_is_detected_within_two_seconds(make_daemon, tiny_gguf: Path) -> None:
+def test_hung_engine_is_detected_within_ten_seconds(make_daemon, tiny_gguf: Path) -> None:
     daemon = make_daemon({"tiny": tiny_profile(tiny_gguf)})
     daemon.llmctl("load", "tiny")
     pid = _engine_pid(daemon)
     os.kill(pid, signal.SIGSTOP)
     began = time.monotonic()
-    wait_until(lambda: "stopped answering its health probe" in daemon.log(), timeout=5, what="hang detection")
-    assert time.monotonic() - began < 2.5
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    wait_until(lambda: f"(pid {pid}) is hung: it is stopped" in daemon.log(), timeout=15, what="hang detection")
+    assert time.monotonic() - began < 10
+    wait_until(lambda: _gone(pid), timeout=10, what="the hung engine to be killed")
     wait_until(lambda: daemon.state("tiny") == "ready", timeout=15, what="restart after the hang")
     assert _chat(daemon).status_code == 200
 

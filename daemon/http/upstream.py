@@ -242,6 +242,7 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self._got_bytes = True
+        self.pool.received += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -377,6 +378,8 @@ class Pool:
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
         self._closed = False
+        # Bytes read from the engine so far: the health monitor's sign that its replies flow.
+        self.received = 0
 
     @property
     def idle_connections(self) -> int:

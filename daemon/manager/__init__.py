@@ -14,7 +14,8 @@ Where each piece lives:
   the model, start the engine, plan again after running out of memory, abandon a failed load.
 - `parking.Parking`: sleep mode: whether a model can be parked, putting it to sleep, waking it.
 - `supervision.Supervision`: the exit watch and health probe of ready engines, and restarts
-  with backoff after a crash.
+  with backoff after a crash; `hang`: when unanswered probes make an engine hung rather than
+  slow (pure).
 - `kv_persist.KvPersist`: prompt caches kept across stops (`[policy] persist_kv`): saved in
   `finish_stop` before the engine is stopped, restored by the load path before the model is
   reported ready.

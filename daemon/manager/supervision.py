@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from llmd.daemon.engines.supervisor import EngineProcess, http_ok
+from llmd.daemon.engines.liveness import activity
+from llmd.daemon.engines.supervisor import EngineProcess, http_ok, process_tree
+from llmd.daemon.manager.hang import HangWatch, Progress
 from llmd.daemon.manager.state import ENGINE_HOST, MAX_ATTEMPTS, Instance, State, backoff_seconds, close_client
 
 if TYPE_CHECKING:
@@ -19,15 +21,12 @@ log = logging.getLogger(__name__)
 
 # How long a model must stay up for earlier failures to be forgiven.
 STABLE_SECONDS = 60.0
-# An idle engine is probed this often; this many failed probes in a row mark it hung.
+# A ready engine is probed this often. A probe unanswered within HEALTH_TIMEOUT is a failure,
+# but failures alone do not make an engine hung: see `hang` for what does.
 HEALTH_INTERVAL = 1.0
-HEALTH_TIMEOUT = 0.45
-HEALTH_FAILURES = 2
-# Before probing again after a failed probe. An engine that dies closes its port a moment before
-# it can be reaped: the pause lets the exit be reported as one, not as a hang.
-HEALTH_RETRY_PAUSE = 0.05
-# A busy engine may answer its probe slowly; it still must answer, or its requests would hang.
-BUSY_HEALTH_TIMEOUT = 5.0
+HEALTH_TIMEOUT = 1.5
+# Before probing again after a failed probe.
+HEALTH_RETRY_PAUSE = 0.5
 
 
 class Supervision:
@@ -37,8 +36,9 @@ class Supervision:
         self.manager = manager
 
     async def watch(self, inst: Instance, engine: EngineProcess) -> None:
-        """Watch a ready engine until it stops: an exit is seen at once (pidfd), a hang within
-        about HEALTH_INTERVAL × HEALTH_FAILURES + HEALTH_TIMEOUT while idle."""
+        """Watch a ready engine until it stops: an exit is seen at once (pidfd), a hang (a
+        stopped or stuck process, see `hang`) within about HEALTH_INTERVAL + HEALTH_WINDOW +
+        HEALTH_TIMEOUT."""
         manager = self.manager
         hung: list[str] = []
         async with anyio.create_task_group() as tg:
@@ -84,25 +84,40 @@ class Supervision:
     async def _probe_health(self, inst: Instance, engine: EngineProcess, hung: list[str]) -> None:
         assert inst.spec is not None
         url = f"http://{ENGINE_HOST}:{engine.port}{inst.spec.readiness.path}"
-        failed = 0
+        watch = HangWatch()
         while True:
-            if not failed:
+            if not watch.failures:
                 with anyio.move_on_after(HEALTH_INTERVAL):
                     await inst.probe_now.wait()
-            else:  # after a failed probe, probe again almost at once
+            else:  # failing: probe again soon, to tell a hang from a late answer
                 await anyio.sleep(HEALTH_RETRY_PAUSE)
             if inst.probe_now.is_set():
                 inst.probe_now = anyio.Event()
             if inst.state is State.SLEEPING:
+                watch.answered()  # not probed while asleep: the count starts over when it wakes
                 continue  # asleep or falling asleep: an exit is still seen at once, through the pidfd
-            # Busy, or waking up (still parked): it may answer slowly, but it must answer.
-            timeout = BUSY_HEALTH_TIMEOUT if inst.in_flight or inst.parked is not None else HEALTH_TIMEOUT
-            ok = await http_ok(engine.port, inst.spec.readiness.path, timeout)
-            if not ok and engine.returncode is not None:
+            sent_at = time.monotonic()
+            if await http_ok(engine.port, inst.spec.readiness.path, HEALTH_TIMEOUT):
+                watch.answered()
+                continue
+            if engine.returncode is not None:
                 return  # it exited: the exit watcher reports that, with its code
-            failed = 0 if ok else failed + 1
-            if failed >= HEALTH_FAILURES:
-                hung.append(f"stopped answering its health probe ({url})")
-                log.error("%s (pid %d) stopped answering %s; killing it", inst.name, engine.pid, url)
+            # Busy, or waking up (still parked): it may be slow to answer, but not forever.
+            busy = bool(inst.in_flight) or inst.parked is not None
+            reason = watch.unanswered(sent_at, _progress(inst, engine), busy)
+            if reason is not None:
+                hung.append(f"was hung: {reason} ({url})")
+                log.error("%s (pid %d) is hung: %s; killing it", inst.name, engine.pid, reason)
                 await engine.stop(grace=0.1)  # a hung process will not act on SIGTERM
                 return
+            if watch.failures == 1:
+                log.info("%s (pid %d) did not answer its health probe within %.1fs; watching it", inst.name,
+                         engine.pid, HEALTH_TIMEOUT)
+
+
+def _progress(inst: Instance, engine: EngineProcess) -> Progress:
+    """What the engine has done so far: its processes' CPU time and state, and the bytes its
+    proxied requests have received from it."""
+    processes = activity(process_tree(engine.pid))
+    received = inst.client.received if inst.client is not None else 0
+    return Progress(time.monotonic(), processes.cpu_seconds, processes.stopped, received)
