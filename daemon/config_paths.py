@@ -47,6 +47,29 @@ def default_socket() -> Path:
     return Path(override) if override else runtime_dir() / "llmd.sock"
 
 
+# The socket of the system service (`llmd install`, /etc/llmd/llmd.toml).
+SYSTEM_SOCKET = Path("/run/llmd/llmd.sock")
+
+
+def well_known_sockets() -> list[Path]:
+    """Where a daemon of this user listens when no config names its socket, whatever the
+    environment it was started from: a login session's runtime dir, systemd's per-user one,
+    the private /tmp dir a daemon started without $XDG_RUNTIME_DIR (nohup, cron) uses; then
+    the system service's socket. Without duplicates, in that order."""
+    uid = os.getuid()
+    found: list[Path] = []
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    for candidate in (
+        Path(base) / "llmd" / "llmd.sock" if base else None,
+        Path(f"/run/user/{uid}/llmd/llmd.sock"),
+        Path(f"/tmp/llmd-{uid}/llmd.sock"),
+        SYSTEM_SOCKET,
+    ):
+        if candidate is not None and candidate not in found:
+            found.append(candidate)
+    return found
+
+
 def config_path_from_env(explicit: Path | None) -> Path | None:
     """The config to read: --config, else $LLMD_CONFIG, else the user's config if it exists."""
     if explicit is not None:

@@ -38,6 +38,8 @@ from llmd.daemon.manager.reload import read_profiles, reload_on_sighup
 from llmd.daemon.util.daemon_log import FORMAT as LOG_FORMAT
 from llmd.daemon.util.daemon_log import log_to_file
 from llmd.daemon.util.rotating_log import LogLimits
+from llmd.daemon.util.loopback import is_loopback_host
+from llmd.daemon.web.dashboard_where import DashboardPointer
 from llmd.daemon.util.sdnotify import notify, ping_watchdog_forever, started_by_systemd, watchdog_interval
 from llmd.daemon.util.shutdown import Shutdown, stop_within
 
@@ -98,7 +100,8 @@ def _server(app: ASGIApp, graceful_seconds: float, *, forwarded_headers: bool = 
 
 
 def _management_over_tcp(
-    manager: Manager, server: ServerConfig, requests: RequestLog, playground: ASGIApp, shutdown: Shutdown
+    manager: Manager, server: ServerConfig, requests: RequestLog, playground: ASGIApp, shutdown: Shutdown,
+    config_path: Path | None = None,
 ) -> tuple[_Server, socket.socket] | None:
     """The management API on `[server] management_listen`, behind `management_token`; None if not configured."""
     if server.management_listen is None:
@@ -107,7 +110,7 @@ def _management_over_tcp(
     sock = bind_tcp(*split_host_port(server.management_listen), setting="[server] management_listen")
     token = server.management_token.get_secret_value()
     bearer = BearerAuth(
-        build_api_app(manager, requests, playground, shutdown),
+        build_api_app(manager, requests, playground, shutdown, config_path),
         [token],
         credential="the [server] management_token",
         reject=lambda message: JSONResponse({"error": message}, status_code=401),
@@ -119,11 +122,22 @@ def _management_over_tcp(
     return _server(app, API_SHUTDOWN_GRACE), sock
 
 
+def _warn_if_open(server: ServerConfig) -> None:
+    """An address other hosts can reach, without API keys: anyone there may use every model."""
+    if server.api_keys or is_loopback_host(server.listen_host):
+        return
+    log.warning(
+        "listening on %s without api_keys: anyone who can reach this address can use every model; "
+        "set [server] api_keys in llmd.toml, or listen on 127.0.0.1", server.listen,
+    )
+
+
 async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     """Run until SIGTERM/SIGINT or POST /v1/shutdown; SIGHUP re-reads `config_path` and the profiles."""
     server = config.server
     # Read before anything else runs: the environment systemd started the daemon with.
     systemd_variable = started_by_systemd()
+    _warn_if_open(server)
     drivers = load_drivers()
     profiles = read_profiles(config, drivers)
     server.state_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +155,8 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
         extra_routes=manager.metrics.routes(),
         apis=[anthropic_api(proxy), responses_api(proxy), ollama_api(proxy)],
     )
+    # A browser that opens /dashboard here learns where the dashboard is (without an API key).
+    proxy_app = DashboardPointer(proxy_app, lambda: manager.config)
     # Nothing on the proxy port reads the client's address or scheme: without the forwarded
     # headers' middleware, every request skips a layer.
     requests = RequestLog(server.request_log, server.log_bodies)
@@ -159,9 +175,9 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
 
     shutdown = Shutdown(stop_gracefully, systemd_variable,
                         stop_within(server.shutdown_grace, API_SHUTDOWN_GRACE, server.stop_grace))
-    api_server = _server(build_api_app(manager, requests, playground, shutdown), API_SHUTDOWN_GRACE)
+    api_server = _server(build_api_app(manager, requests, playground, shutdown, config_path), API_SHUTDOWN_GRACE)
     listeners += [(proxy_server, proxy_socket), (api_server, api_socket)]
-    management_tcp = _management_over_tcp(manager, server, requests, playground, shutdown)
+    management_tcp = _management_over_tcp(manager, server, requests, playground, shutdown, config_path)
     if management_tcp is not None:
         listeners.append(management_tcp)
 
@@ -206,7 +222,18 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     log.info("llmd stopped")
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from llmd.daemon.version import configured_engines_dir, version_text
+
+    click.echo(version_text(configured_engines_dir(None)))
+    ctx.exit()
+
+
 @click.group()
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="print llmd's version and the installed engines' versions, and exit")
 def main() -> None:
     """llmd: run local LLM engines behind one OpenAI-compatible address."""
 
@@ -234,11 +261,19 @@ def serve_command(config_path: Path | None) -> None:
               help="llmd.toml to use (default: $LLMD_CONFIG, then ~/.config/llmd/llmd.toml)")
 @click.option("--demo", is_flag=True, help="also write a tiny demo model and its profile")
 def init_command(config_path: Path | None, demo: bool) -> None:
-    """Create llmd's directories (and, with --demo, a model to try it on)."""
+    """Set llmd up for this user: a commented llmd.toml, a `systemctl --user` unit, and the
+    directories (with --demo, also a model to try it on). Existing files are kept."""
     from llmd.daemon.models.demo import write_demo
+    from llmd.daemon.service.user_init import config_target, write_user_config, write_user_unit
 
+    target = config_target(config_path)
     try:
-        config = load_config(config_path_from_env(config_path))
+        write_user_config(target, click.echo)
+        config = load_config(target)
+        write_user_unit(target, click.echo)
+    except OSError as exc:
+        click.echo(f"llmd: {exc}", err=True)
+        sys.exit(1)
     except LlmdError as exc:
         click.echo(f"llmd: {exc}", err=True)
         sys.exit(2)

@@ -25,6 +25,24 @@ BIN = Path(sys.executable).parent
 # CI sets this so that a missing engine fails the run instead of skipping the real-engine tests.
 REQUIRE_ENGINES = os.environ.get("LLMD_REQUIRE_ENGINES") == "1"
 
+# The test-only driver package (tests/thirdparty_driver), installed by `scripts/test` with
+# `pip install --target` here rather than into the venv, so that it never shows up in the
+# user's llmd (profile comments, hints, doctor). Its .dist-info on sys.path is what makes its
+# entry point visible; PYTHONPATH carries it to the daemons and engines the tests start.
+TEST_DRIVER_DIR = Path(__file__).resolve().parent.parent / "build" / "test-driver"
+
+
+def _register_test_driver() -> None:
+    if not TEST_DRIVER_DIR.is_dir() or str(TEST_DRIVER_DIR) in sys.path:
+        return
+    sys.path.append(str(TEST_DRIVER_DIR))
+    paths = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    if str(TEST_DRIVER_DIR) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*paths, str(TEST_DRIVER_DIR)])
+
+
+_register_test_driver()
+
 
 def _llama_server() -> Path | None:
     override = os.environ.get("LLMD_LLAMA_SERVER")

@@ -87,6 +87,20 @@ def test_ps_against_a_running_daemon_imports_nothing_heavy(daemon: RunningDaemon
     assert heavy_imports(modules) == []
 
 
+def test_status_and_global_options_after_the_command_import_nothing_heavy(daemon: RunningDaemon, tmp_path: Path) -> None:
+    result, modules = run_probe(tmp_path, "status", "--socket", str(daemon.socket))
+    assert result.returncode == 0, result.stderr
+    assert f"management:  {daemon.socket}" in result.stdout
+    assert heavy_imports(modules) == []
+
+
+def test_version_imports_nothing_heavy(tmp_path: Path) -> None:
+    result, modules = run_probe(tmp_path, "--version")
+    assert result.returncode == 0 and result.stdout.startswith("llmd "), result.stderr
+    assert heavy_imports(modules) == []
+    assert "llmd.daemon.engines.provision" not in modules
+
+
 def test_ps_with_the_daemon_unreachable_imports_nothing_heavy(tmp_path: Path) -> None:
     result, modules = run_probe(tmp_path, "--socket", str(tmp_path / "absent.sock"), "ps")
     assert result.returncode == 3 and "cannot reach llmd on" in result.stderr

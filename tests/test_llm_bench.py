@@ -61,7 +61,7 @@ def test_bench_unknown_model_and_bad_options(make_daemon, tiny_gguf: Path) -> No
     daemon = make_daemon({"tiny": tiny_profile(tiny_gguf)})
     result = _bench(daemon, "nope", check=False)
     assert result.returncode == 1
-    assert "no profile named 'nope'" in result.stderr and "llmctl ls" in result.stderr
+    assert "model 'nope' does not exist" in result.stderr and "llmctl ls" in result.stderr
     bad = _bench(daemon, "tiny", "--concurrency", "1,x", check=False)
     assert bad.returncode == 2 and "--concurrency" in bad.stderr and "like 1,2,4" in bad.stderr
     both = _bench(daemon, "tiny", "--concurrency", "1", "--max-concurrency", "2", check=False)

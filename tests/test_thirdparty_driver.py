@@ -1,20 +1,22 @@
 """A driver from another package, registered only through the `llmd.drivers` entry point group.
 
-`tests/thirdparty_driver` is such a package (installed by `scripts/test` with
-`pip install -e tests/thirdparty_driver`): its driver runs a small OpenAI-compatible server
+`tests/thirdparty_driver` is such a package: its driver runs a small OpenAI-compatible server
 shipped in the same package. The daemon must find it and serve chats through it like a
-built-in engine.
+built-in engine. `scripts/test` installs it with `pip install --target build/test-driver`,
+outside the venv, and conftest puts that directory on sys.path for the test run only: entry
+points are found from any sys.path entry that holds the package's .dist-info.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+import sysconfig
+from importlib.metadata import distribution, entry_points
 from pathlib import Path
 
 import openai
 import pytest
 
-from conftest import REQUIRE_ENGINES, engine_processes, tiny_profile, wait_until
+from conftest import REQUIRE_ENGINES, TEST_DRIVER_DIR, engine_processes, tiny_profile, wait_until
 from llmd.drivers.base import load_progress
 from llmd.drivers.registry import load_drivers
 
@@ -24,10 +26,19 @@ ENGINE = "fake-openai"
 @pytest.fixture(scope="module")
 def thirdparty_installed() -> None:
     if not any(entry.name == ENGINE for entry in entry_points(group="llmd.drivers")):
-        message = "the test driver package is not installed: run `pip install -e tests/thirdparty_driver`"
+        message = (f"the test driver package is not installed: run `.venv/bin/pip install --no-deps "
+                   f"--target {TEST_DRIVER_DIR} tests/thirdparty_driver` (scripts/test does)")
         if REQUIRE_ENGINES:
             pytest.fail(message)
         pytest.skip(message)
+
+
+def test_the_driver_stays_out_of_the_users_environment(thirdparty_installed: None) -> None:
+    """Found through the test run's sys.path entry, not installed in the venv llmd runs from."""
+    found = Path(str(distribution("llmd-fake-openai-driver").locate_file(""))).resolve()
+    assert found == TEST_DRIVER_DIR.resolve()
+    site_packages = Path(sysconfig.get_paths()["purelib"])
+    assert not list(site_packages.glob("llmd_fake_openai_driver-*.dist-info"))
 
 
 def test_load_drivers_finds_the_entry_point(thirdparty_installed: None) -> None:

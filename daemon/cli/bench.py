@@ -41,7 +41,9 @@ def _profile_row(profiles: list[dict[str, Any]], name: str) -> dict[str, Any]:
     """The profile serving `name` (by name or alias), or exit 1 saying what exists."""
     row = next((p for p in profiles if p["name"] == name or name in p["aliases"]), None)
     if row is None:
-        fail(f"no profile named {name!r}; `llmctl ls` lists the profiles")
+        from llmd.daemon.models.names import unknown_model_message
+
+        fail(unknown_model_message(name, [known for p in profiles if p["valid"] for known in (p["name"], *p["aliases"])]))
     if not row["valid"]:
         fail(f"profile {name!r} is invalid: {row['error']}")
     return row

@@ -10,14 +10,16 @@ Exit codes scripts can rely on (docs/cli.md lists them per command):
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from llmd.daemon.config_paths import config_path_from_env, default_socket
+from llmd.daemon.cli.sockets import SocketChoice, first_answering
+from llmd.daemon.config_paths import SOCKET_ENV, config_path_from_env, default_socket, well_known_sockets
 from llmd.daemon.errors import LlmdError
 
 if TYPE_CHECKING:
@@ -51,11 +53,13 @@ class Daemon:
     """
 
     def __init__(self, socket_path: Path, timeout: float | None = None,
-                 on_unreachable: Callable[[], None] | None = None) -> None:
+                 on_unreachable: Callable[[], None] | None = None, also_tried: Sequence[Path] = ()) -> None:
         from llmd.daemon.cli.unix_http import UnixClient
 
         self.socket_path = socket_path
         self.on_unreachable = on_unreachable
+        # Where else llmctl looked for the daemon before settling on `socket_path`.
+        self.also_tried = tuple(also_tried)
         # Loads and log follows stream for as long as they take: no read timeout by default.
         self.client = UnixClient(str(socket_path), connect_timeout=30.0 if timeout is None else timeout,
                                  read_timeout=timeout)
@@ -72,9 +76,10 @@ class Daemon:
                 raise DaemonUnreachable(
                     f"permission denied on {self.socket_path}: join the socket's group (e.g. `llmd`)"
                 ) from None
+            looked = f"also looked at {', '.join(map(str, self.also_tried))}; " if self.also_tried else ""
             raise DaemonUnreachable(
                 f"cannot reach llmd on {self.socket_path}: is `llmd serve` running? "
-                "(set --socket or LLMD_SOCKET if it listens elsewhere)"
+                f"({looked}set --socket or LLMD_SOCKET if it listens elsewhere)"
             ) from None
         except ConnectionLost as exc:
             # The daemon went away mid-answer (stopped, crashed) or did not answer in time.
@@ -130,11 +135,15 @@ class Daemon:
                 if line.strip():
                     yield json.loads(line)
 
-    def stream_bytes(self, path: str, **kwargs: Any) -> Iterator[bytes]:
+    def stream_bytes(self, path: str, on_response: Callable[[Response], None] | None = None,
+                     **kwargs: Any) -> Iterator[bytes]:
+        """The body of a GET as it arrives; `on_response` sees the answer (its headers) first."""
         with self._exit_if_unreachable(), self._errors(), self.client.stream("GET", path, **kwargs) as response:
             if response.status_code >= 400:
                 response.read()
                 fail(error_text(response))
+            if on_response is not None:
+                on_response(response)
             yield from response.iter_raw()
 
 
@@ -150,10 +159,22 @@ def error_text(response: Response) -> str:
     return error_message(response.status_code, response.content)
 
 
+# Where the --socket and --config given after a subcommand's name are kept (ctx.meta is shared
+# by all the contexts of one command line); see `global_options`.
+GIVEN_OPTIONS = "llmctl.given_options"
+# Set once the warning about an unreadable llmd.toml has been shown.
+_WARNED = "llmctl.config_warning_shown"
+
+
 def root_options(ctx: click.Context) -> dict[str, Any]:
-    """--socket and --config as given to `llmctl`, also while completing (when no callback has run)."""
+    """--socket and --config as given to `llmctl`, before or after the subcommand's name, also
+    while completing (when no callback has run)."""
     root = ctx.find_root()
-    return {"socket": root.params.get("socket_path"), "config": root.params.get("config_path")}
+    given = ctx.meta.get(GIVEN_OPTIONS, {})
+    return {
+        "socket": given.get("socket_path", root.params.get("socket_path")),
+        "config": given.get("config_path", root.params.get("config_path")),
+    }
 
 
 def cli_config(ctx: click.Context) -> DaemonConfig:
@@ -163,47 +184,39 @@ def cli_config(ctx: click.Context) -> DaemonConfig:
     return load_config(config_path_from_env(root_options(ctx)["config"]))
 
 
+def locate_socket(ctx: click.Context, *, warn: bool = True) -> SocketChoice:
+    """The socket to talk to: --socket / $LLMD_SOCKET, else the one llmd.toml names, else the
+    first of the well-known places that answers (`config_paths.well_known_sockets`).
+
+    llmd.toml is read for that one key, without validating the rest. A file that cannot be
+    read so (missing, not TOML, an odd value) gives a one-line warning (with `warn`), and the
+    well-known places are tried: a daemon that answers there is used all the same."""
+    options = root_options(ctx)
+    explicit = options["socket"] if options["socket"] is not None else os.environ.get(SOCKET_ENV)
+    if explicit:
+        return SocketChoice(Path(explicit))
+    path = config_path_from_env(options["config"])
+    if path is not None:
+        from llmd.daemon.config_peek import peek_paths
+
+        peeked = peek_paths(path)
+        if peeked.problem is not None:
+            if warn and not ctx.meta.get(_WARNED):
+                ctx.meta[_WARNED] = True
+                click.echo(f"llmctl: warning: {path}: {peeked.problem}; looking for llmd in the usual places", err=True)
+        elif peeked.socket is not None:
+            return SocketChoice(peeked.socket)
+    return first_answering([default_socket(), *well_known_sockets()])
+
+
 def socket_path(ctx: click.Context) -> Path:
-    """--socket / $LLMD_SOCKET, else the socket named in llmd.toml, else the default; raises LlmdError."""
-    explicit = root_options(ctx)["socket"]
-    if explicit is not None:
-        return Path(explicit)
-    path = config_path_from_env(root_options(ctx)["config"])
-    if path is None:
-        return default_socket()
-    return _socket_named_in(path) or cli_config(ctx).server.socket
-
-
-def _socket_named_in(config_path: Path) -> Path | None:
-    """The socket llmd.toml's [server] table names (or the default), read without validating
-    the rest of the file: validating all of it takes longer than the rest of a quick command.
-    None when the file cannot be read that simply (missing, unreadable, not TOML, an odd value),
-    so that the full validation reports the problem as the daemon would."""
-    import tomllib
-
-    try:
-        with config_path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return None
-    server = data.get("server", {})
-    if not isinstance(server, dict):
-        return None
-    value = server.get("socket")
-    if value is None:
-        return default_socket()
-    if not isinstance(value, str) or not value:
-        return None
-    # Relative to the file, as `load_config` resolves it.
-    socket = Path(value)
-    return socket if socket.is_absolute() else (config_path.parent / socket).resolve()
+    """The socket `locate_socket` settles on."""
+    return locate_socket(ctx).path
 
 
 def daemon_for(ctx: click.Context, timeout: float | None = None) -> Daemon:
-    try:
-        return Daemon(socket_path(ctx), timeout, on_unreachable=lambda: _fail_if_config_invalid(ctx))
-    except LlmdError as exc:
-        fail(str(exc))
+    choice = locate_socket(ctx)
+    return Daemon(choice.path, timeout, on_unreachable=lambda: _fail_if_config_invalid(ctx), also_tried=choice.also_tried)
 
 
 def _fail_if_config_invalid(ctx: click.Context) -> None:

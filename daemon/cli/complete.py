@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 from click.shell_completion import CompletionItem, get_completion_class
 
-from llmd.daemon.cli.client import Daemon, DaemonUnreachable, cli_config, socket_path
+from llmd.daemon.cli.client import Daemon, DaemonUnreachable, cli_config, locate_socket
 from llmd.daemon.errors import LlmdError
 
 SHELLS = ("bash", "zsh", "fish")
@@ -21,7 +21,7 @@ DAEMON_TIMEOUT = 0.3
 
 def _names_from_daemon(ctx: click.Context) -> list[str] | None:
     try:
-        daemon = Daemon(socket_path(ctx), timeout=DAEMON_TIMEOUT)
+        daemon = Daemon(locate_socket(ctx, warn=False).path, timeout=DAEMON_TIMEOUT)
         response = daemon.query("GET", "/v1/profiles")
         if response.status_code != 200:
             return None

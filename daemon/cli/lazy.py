@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import click
@@ -33,11 +33,14 @@ class LazyCommand(NamedTuple):
 
 class LazyGroup(click.Group):
     """A group with the subcommands of `lazy` ({name: LazyCommand}) besides its own: each is
-    imported when it is invoked, or completed into; listing them shows their `summary`."""
+    imported when it is invoked, or completed into; listing them shows their `summary`.
+    `prepare` is applied to each command (a lazy one once it is imported) before it is used."""
 
-    def __init__(self, *args: Any, lazy: Mapping[str, LazyCommand], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lazy: Mapping[str, LazyCommand],
+                 prepare: Callable[[click.Command], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy = dict(lazy)
+        self.prepare = prepare
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
@@ -45,11 +48,14 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         entry = self.lazy.get(cmd_name)
         if entry is None or cmd_name in self.commands:
-            return super().get_command(ctx, cmd_name)
-        if ctx.meta.get(_LISTING):
+            command = super().get_command(ctx, cmd_name)
+        elif ctx.meta.get(_LISTING):
             return click.Command(cmd_name, help=entry.summary)
-        command = getattr(importlib.import_module(entry.module), entry.attribute)
-        self.add_command(command, cmd_name)
+        else:
+            command = getattr(importlib.import_module(entry.module), entry.attribute)
+            self.add_command(command, cmd_name)
+        if command is not None and self.prepare is not None:
+            self.prepare(command)
         return command
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:

@@ -13,20 +13,25 @@ import json
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from llmd.daemon.cli.client import EXIT_FAILED, daemon_for, fail
 from llmd.daemon.cli.complete import complete_model_names, completion
+from llmd.daemon.cli.global_options import accept_global_options
 from llmd.daemon.cli.lazy import LazyCommand, LazyGroup
 from llmd.daemon.cli.output import dash as _dash
 from llmd.daemon.cli.output import Progress, echo_json, echo_plan
 from llmd.daemon.cli.output import table as _table
 from llmd.daemon.cli.shutdown import shutdown
+from llmd.daemon.cli.status import status
 from llmd.daemon.util.durations import format_duration
-from llmd.daemon.util.log_lines import DEFAULT_LOG_LINES, MAX_LOG_LINES
+from llmd.daemon.util.log_lines import DEFAULT_LOG_LINES, LOG_ABSENT_HEADER, MAX_LOG_LINES
 from llmd.daemon.util.units import format_mib
+
+if TYPE_CHECKING:
+    from llmd.daemon.cli.unix_http import Response
 
 # The commands that work without the daemon, each imported only when it runs: they need the
 # config's validation, the drivers, and for `doctor` and `bench` much more. The summaries are
@@ -45,16 +50,29 @@ LOCAL_COMMANDS = {
 }
 
 
-@click.group(cls=LazyGroup, lazy=LOCAL_COMMANDS)
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from llmd.daemon.version import configured_engines_dir, version_text
+
+    click.echo(version_text(configured_engines_dir(None)))
+    ctx.exit()
+
+
+@click.group(cls=LazyGroup, lazy=LOCAL_COMMANDS, prepare=accept_global_options)
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="LLMD_SOCKET",
-              help="llmd's management socket (default: from llmd.toml, else $XDG_RUNTIME_DIR/llmd/llmd.sock)")
+              help="llmd's management socket (default: from llmd.toml, else the first of the usual places "
+                   "that answers: docs/cli.md)")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="llmd.toml to read paths from (default: $LLMD_CONFIG)")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="print llmd's version and the installed engines' versions, and exit")
 @click.pass_context
 def main(ctx: click.Context, socket_path: Path | None, config_path: Path | None) -> None:
     """Control a running llmd: load, unload and inspect models.
 
-    Exit codes: 0 done, 1 failed or refused, 2 bad usage, 3 llmd not reachable.
+    --socket and --config may also follow the command's name. Exit codes: 0 done, 1 failed or
+    refused, 2 bad usage, 3 llmd not reachable.
     """
 
 
@@ -89,9 +107,24 @@ def load(ctx: click.Context, name: str, old: str | None) -> None:
     lines = daemon_for(ctx).stream_lines("POST", f"/v1/models/{name}/load", params=params)
     ready = _follow_job(lines, "ready", progress_text)
     if ready is not None:
-        status = ready["status"]
-        took = f" in {status['load_s']:.2f}s" if status.get("load_s") is not None else ""
-        click.echo(f"{name} is ready{took} (pid {status['pid']}, port {status['port']})")
+        click.echo(load_summary(name, ready["status"], ready.get("outcome") or {}))
+
+
+def load_summary(name: str, status: dict[str, Any], outcome: dict[str, Any]) -> str:
+    """What `load` did, in one line: nothing (already running), or ready after making room."""
+    where = f"pid {status['pid']}, port {status['port']}"
+    if outcome.get("already_running"):
+        return f"{name} was already running ({where})"
+    took = f" in {status['load_s']:.2f}s" if status.get("load_s") is not None else ""
+    text = f"{name} is ready{took} ({where})"
+    done = []
+    if outcome.get("replaced"):
+        done.append(f"replaced {outcome['replaced']}")
+    if outcome.get("evicted"):
+        done.append(f"stopped idle {', '.join(outcome['evicted'])} to make room")
+    if outcome.get("parked"):
+        done.append(f"put idle {', '.join(outcome['parked'])} to sleep to make room")
+    return text + ("; " + "; ".join(done) if done else "")
 
 
 @main.command()
@@ -298,8 +331,13 @@ def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
     """Print NAME's engine log."""
     _check_name(name)
     params = {"lines": lines, "follow": "1" if follow else "0"}
+
+    def say_if_absent(response: Response) -> None:
+        if response.header(LOG_ABSENT_HEADER):
+            click.echo(f"llmctl: {name} has not run yet; waiting for its engine log", err=True)
+
     try:
-        for chunk in daemon_for(ctx).stream_bytes(f"/v1/models/{name}/logs", params=params):
+        for chunk in daemon_for(ctx).stream_bytes(f"/v1/models/{name}/logs", say_if_absent, params=params):
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
     except KeyboardInterrupt:
@@ -355,3 +393,4 @@ def recent_requests(ctx: click.Context, as_json: bool, follow: bool, limit: int 
 
 main.add_command(completion)
 main.add_command(shutdown)
+main.add_command(status)

@@ -78,6 +78,10 @@ class Response:
                 self._content = self._raw.read()
         return self._content
 
+    def header(self, name: str) -> str | None:
+        """The value of the answer's header `name`, if it has one."""
+        return self._raw.getheader(name)
+
     @property
     def content(self) -> bytes:
         return self.read()

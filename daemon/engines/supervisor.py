@@ -24,6 +24,7 @@ import anyio
 from llmd.drivers.base import LaunchSpec
 
 from llmd.daemon.util import loopback
+from llmd.daemon.util.log_tail import read_tail
 from llmd.daemon.errors import EngineStartError
 from llmd.daemon.util.rotating_log import LogLimits, RotatingLog, copy_into
 
@@ -58,16 +59,12 @@ def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
 
 
 def tail_lines(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
-    """The last `lines` lines of a log, reading only its end."""
+    """The last `lines` lines of a log (none for 0), reading only its end; [] if there is no log."""
     try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
-            data = fh.read()
+        data, _ = read_tail(path, lines)
     except FileNotFoundError:
         return []
-    return [line for line in data.decode(errors="replace").splitlines()][-lines:]
+    return data.decode(errors="replace").splitlines()
 
 
 async def http_ok(port: int, path: str, timeout: float) -> bool:

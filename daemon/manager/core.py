@@ -31,6 +31,7 @@ from llmd.daemon.manager.parking import Parking
 from llmd.daemon.manager.profile_changes import Change, aliases_reach_engine, classify
 from llmd.daemon.manager.state import MAX_ATTEMPTS, Instance, Job, Load, State, backoff_seconds, close_client, engine_log_path
 from llmd.daemon.manager.supervision import Supervision
+from llmd.daemon.models.names import unknown_model_message
 from llmd.daemon.models.profiles import Profile, ProfileSet
 from llmd.daemon.placement.planner import Planner
 from llmd.daemon.placement.scheduler import Plan
@@ -198,9 +199,7 @@ class Manager:
         if profile is None:
             if model in self.profiles.errors:
                 raise UnknownModelError(f"model {model!r} has an invalid profile: {self.profiles.errors[model]}")
-            raise UnknownModelError(
-                f"model {model!r} does not exist; `llmctl ls` or GET /v1/models lists the served models"
-            )
+            raise UnknownModelError(unknown_model_message(model, [*self.profiles.profiles, *self.profiles.aliases]))
         return profile
 
     def instance(self, name: str) -> Instance:

@@ -268,6 +268,9 @@ class Loader:
             manager.begin_stop(victim)
         if not result.evict:
             return
+        if inst.load is not None:
+            inst.load.evicted += [victim.name for victim in to_stop]
+            inst.load.parked += [victim.name for victim in to_park]
         inst.progress = f"evicting {', '.join(result.evict)}"
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.evict, to_stop)

@@ -68,6 +68,9 @@ class Load:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     error: LlmdError | None = None
     started: float = field(default_factory=time.monotonic)
+    # The models this load made room by, for `llmctl load` to report: stopped, or put to sleep.
+    evicted: list[str] = field(default_factory=list)
+    parked: list[str] = field(default_factory=list)
 
 
 @dataclass

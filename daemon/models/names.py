@@ -7,6 +7,7 @@ URL without loading the profiles' validation (pydantic).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 # Model ids travel in URLs, file names and log names: keep them to a safe alphabet.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -20,3 +21,13 @@ def check_model_name(name: str) -> str:
             "(no '/', no '..', at most 128 characters, starting with a letter or digit)"
         )
     return name
+
+
+def unknown_model_message(name: str, known: Iterable[str]) -> str:
+    """What every surface (the proxy's 404, the management API, llmctl) says of a model name
+    that no profile serves, with the closest of the `known` names (profile names and aliases)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(set(known)), n=3, cutoff=0.6)
+    hint = f" did you mean {' or '.join(repr(match) for match in close)}?" if close else ""
+    return f"model {name!r} does not exist;{hint} `llmctl ls` or GET /v1/models lists the served models"

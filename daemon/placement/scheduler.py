@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from llmd.drivers.base import GpuShare, Placement
@@ -271,11 +271,14 @@ def plan(
     gpus: Sequence[GpuInfo],
     running: Sequence[RunningModel],
     margin_mib: int = DEFAULT_MARGIN_MIB,
+    *,
+    suggest: bool = True,
 ) -> Plan | NoFit:
     """Where to run `need`, and which idle models to stop first; or why it cannot run now.
 
     `running` is every model llmd runs now (not including `need` itself). Deterministic: ties
-    are broken by explicit keys, ending in card indices and model names.
+    are broken by explicit keys, ending in card indices and model names. With `suggest`, a
+    NoFit names the profile settings that would make it fit now (each tried by planning with it).
     """
     if not gpus:
         reason = "no GPUs in the inventory: running on the CPU"
@@ -323,7 +326,26 @@ def plan(
         shape, group, evicted = best
         return _make_plan(need, shape, group, evicted)
 
-    return NoFit(_no_fit_reason(need, sizer, by_index, widths, base_layers, running, margin_mib))
+    hints = _fitting_hints(need, gpus, running, margin_mib) if suggest else []
+    return NoFit(_no_fit_reason(need, sizer, by_index, widths, base_layers, running, margin_mib, hints))
+
+
+def _fitting_hints(need: ModelNeed, gpus: Sequence[GpuInfo], running: Sequence[RunningModel], margin: int) -> list[str]:
+    """The settings the profile could allow that would make `need` fit now, one at a time, else
+    together: each is planned with, so that only a change that really fits is suggested."""
+    candidates: list[tuple[str, dict[str, object]]] = []
+    if need.tensor_parallel == 1 and len(gpus) > 1:
+        candidates.append(('tensor_parallel = "auto"', {"tensor_parallel": "auto"}))
+    if need.offload == "none" and need.n_layers:
+        candidates.append(('offload = "auto"', {"offload": "auto"}))
+
+    def fits(change: dict[str, object]) -> bool:
+        return isinstance(plan(replace(need, **change), gpus, running, margin, suggest=False), Plan)  # type: ignore[arg-type]
+
+    hints = [text for text, change in candidates if fits(change)]
+    if not hints and len(candidates) > 1 and fits({key: value for _, change in candidates for key, value in change.items()}):
+        hints.append(" and ".join(text for text, _ in candidates))
+    return hints
 
 
 def _cards(need: ModelNeed, gpus: Sequence[GpuInfo], running: Sequence[RunningModel], margin: int) -> list[_Card]:
@@ -596,6 +618,7 @@ def _no_fit_reason(
     layers: int,
     running: Sequence[RunningModel],
     margin: int,
+    hints: Sequence[str],
 ) -> str:
     wanted = []
     if _single_allowed(need):
@@ -629,13 +652,8 @@ def _no_fit_reason(
     text += f" (safety margin {margin} MiB per card); {free}"
     if blockers:
         text += "; cannot stop: " + "; ".join(blockers)
-    hints = []
-    if need.tensor_parallel == 1 and len(cards) > 1:
-        hints.append('tensor_parallel = "auto"')
-    if need.offload == "none" and need.n_layers:
-        hints.append('offload = "auto"')
     if hints:
-        text += "; the profile could allow " + " or ".join(hints)
+        text += "; it would fit if the profile allowed " + " or ".join(hints)
     return text
 
 

@@ -37,3 +37,16 @@ def reachable_url(host: str, port: int) -> str:
     """An http URL that reaches a listen address from this host (a wildcard address means loopback)."""
     connect = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     return f"http://[{connect}]:{port}" if ":" in connect else f"http://{connect}:{port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen address's host is reachable from this host only (127.0.0.0/8, ::1,
+    localhost); a wildcard or any other address is reachable from the network."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to may be another machine's view of this one

@@ -6,6 +6,8 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -20,13 +22,40 @@ from starlette.types import ASGIApp
 from llmd.daemon.diagnostics.bench_store import bench_headline, write_bench
 from llmd.daemon.errors import LlmdError, UnknownModelError
 from llmd.daemon.http.request_log import RequestLog
-from llmd.daemon.util.log_lines import DEFAULT_LOG_LINES, MAX_LOG_LINES
+from llmd.daemon.util.log_lines import DEFAULT_LOG_LINES, LOG_ABSENT_HEADER, MAX_LOG_LINES
+from llmd.daemon.util.log_tail import read_tail
 from llmd.daemon.manager.core import Manager
+from llmd.daemon.manager.state import Load, State
 from llmd.daemon.manager.reload import reload_profiles
 from llmd.daemon.util.shutdown import Shutdown
 
 PROGRESS_SECONDS = 0.5
 FOLLOW_POLL_SECONDS = 0.25
+
+
+# States in which a model holds an engine (or is getting one): one that `--replace` replaces.
+_HOLDING = (State.READY, State.STARTING, State.SLEEPING)
+
+
+@dataclass(frozen=True)
+class _LoadStart:
+    """A model as a load request found it: its last load, whether it was ready already, and the
+    running model the request replaces."""
+
+    load: Load | None
+    ready: bool
+    replaces: str | None
+
+    def outcome(self, load: Load | None) -> dict[str, Any]:
+        """What the request did, for `llmctl load` to say: nothing (the model was running), or
+        which models it stopped or put to sleep to make room, and which it replaced."""
+        new = load if load is not None and load is not self.load else None
+        return {
+            "already_running": self.ready and new is None,
+            "evicted": list(new.evicted) if new else [],
+            "parked": list(new.parked) if new else [],
+            "replaced": self.replaces,
+        }
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -38,10 +67,13 @@ def _ndjson(event: dict[str, Any]) -> bytes:
 
 
 class ManagementApi:
-    def __init__(self, manager: Manager, requests: RequestLog, shutdown: Shutdown | None = None) -> None:
+    def __init__(self, manager: Manager, requests: RequestLog, shutdown: Shutdown | None = None,
+                 config_path: Path | None = None) -> None:
         self.manager = manager
         self.requests = requests
         self._shutdown = shutdown
+        # The llmd.toml the daemon read (None: the defaults), for `GET /v1/status`.
+        self.config_path = config_path
 
     def _model(self, request: Request) -> str:
         name = request.path_params["name"]
@@ -49,6 +81,12 @@ class ManagementApi:
 
     async def ps(self, request: Request) -> Response:
         return JSONResponse({"models": self.manager.status()})
+
+    async def status(self, request: Request) -> Response:
+        """Who this daemon is and where to reach it: `llmctl status`."""
+        from llmd.daemon.web.status_report import daemon_status
+
+        return JSONResponse(daemon_status(self.manager, self.config_path))
 
     async def profiles(self, request: Request) -> Response:
         found = self.manager.profiles
@@ -89,10 +127,17 @@ class ManagementApi:
         old = request.query_params.get("replace")
         if old is not None:
             old = self.manager.resolve(old).name
+        inst = self.manager.instance(name)
+        # What was so before the job starts, for the ready event's `outcome`.
+        before = _LoadStart(
+            load=inst.load,
+            ready=inst.state is State.READY and old in (None, name),
+            replaces=old if old not in (None, name) and self.manager.instance(old).state in _HOLDING else None,
+        )
+        if old is not None:
             job = self.manager.run_job(self.manager.replace, name, old)
         else:
             job = self.manager.run_job(self.manager.ensure_ready, name)
-        inst = self.manager.instance(name)
 
         async def events() -> AsyncIterator[bytes]:
             started = time.monotonic()
@@ -113,7 +158,7 @@ class ManagementApi:
                 yield _ndjson({"event": "error", "model": name, "message": str(job.error)})
                 return
             row = next(r for r in self.manager.status() if r["model"] == name)
-            yield _ndjson({"event": "ready", "model": name, "status": row})
+            yield _ndjson({"event": "ready", "model": name, "status": row, "outcome": before.outcome(inst.load)})
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
 
@@ -276,14 +321,25 @@ class ManagementApi:
         lines = min(lines, MAX_LOG_LINES)  # more than the limit gets the limit
         follow = request.query_params.get("follow") in ("1", "true", "yes")
         path = self.manager.log_path(name)
+        headers: dict[str, str] = {}
+        try:
+            # The tail and where following goes on come from one read: no line is lost or sent twice.
+            tail, position = read_tail(path, lines)
+        except FileNotFoundError:
+            never_ran = f"{name!r} has not run yet: it has no engine log ({path}); `llmctl load {name}` starts it"
+            if not follow:
+                return _error(404, never_ran)
+            tail, position = b"", 0
+            headers[LOG_ABSENT_HEADER] = "1"  # llmctl says so, then waits for the log
+        if tail and not follow and not tail.endswith(b"\n"):
+            tail += b"\n"
 
         async def stream() -> AsyncIterator[bytes]:
-            tail = self.manager.log_tail(name, lines)
+            nonlocal position
             if tail:
-                yield ("\n".join(tail) + "\n").encode()
+                yield tail
             if not follow:
                 return
-            position = path.stat().st_size if path.exists() else 0
             while True:
                 await anyio.sleep(FOLLOW_POLL_SECONDS)
                 size = path.stat().st_size if path.exists() else 0
@@ -296,7 +352,7 @@ class ManagementApi:
                     position = size
                     yield data
 
-        return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+        return StreamingResponse(stream(), media_type="text/plain; charset=utf-8", headers=headers)
 
 
 class _LastLine:
@@ -318,18 +374,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def build_api_app(manager: Manager, requests: RequestLog | None = None, playground: ASGIApp | None = None,
-                  shutdown: Shutdown | None = None) -> Starlette:
+                  shutdown: Shutdown | None = None, config_path: Path | None = None) -> Starlette:
     """The management API; `requests` is the proxy's request log (none kept without one),
     `playground` the proxy app the dashboard's playground talks to (no playground without one),
-    and `shutdown` how the daemon stops when asked (no POST /v1/shutdown without one)."""
+    `shutdown` how the daemon stops when asked (no POST /v1/shutdown without one), and
+    `config_path` the llmd.toml the daemon read (for `GET /v1/status`)."""
     from starlette.middleware import Middleware
 
     from llmd.daemon.web.dashboard import dashboard_routes
     from llmd.daemon.web.dashboard_auth import RefuseCrossSite
 
     requests = requests if requests is not None else RequestLog(0)
-    api = ManagementApi(manager, requests, shutdown)
+    api = ManagementApi(manager, requests, shutdown, config_path)
     routes = [
+        Route("/v1/status", api.status, methods=["GET"]),
         Route("/v1/ps", api.ps, methods=["GET"]),
         Route("/v1/profiles", api.profiles, methods=["GET"]),
         Route("/v1/models/{name}/load", api.load, methods=["POST"]),
