@@ -97,7 +97,8 @@ def test_next_start_stops_engines_a_killed_daemon_left(make_daemon, tiny_gguf: P
 
 
 def test_sigterm_lets_in_flight_streams_finish(make_daemon, tiny_gguf: Path) -> None:
-    daemon = make_daemon({"tiny": tiny_profile(tiny_gguf, ctx=4096)})
+    # Two slots, so both streams flow at once (with one, the second waits for the first's end).
+    daemon = make_daemon({"tiny": tiny_profile(tiny_gguf, ctx=4096).replace("ctx = 4096", "ctx = 4096\nparallel = 2")})
     daemon.llmctl("load", "tiny")
     results: list[tuple[int, bool]] = []
     started = threading.Semaphore(0)  # released once by each stream, at its first line
@@ -119,7 +120,7 @@ def test_sigterm_lets_in_flight_streams_finish(make_daemon, tiny_gguf: Path) -> 
     for thread in threads:
         thread.start()
     for _ in threads:  # both streams are flowing before the signal
-        assert started.acquire(timeout=20)
+        assert started.acquire(timeout=60)
     assert daemon.process is not None
     daemon.process.send_signal(signal.SIGTERM)
     for thread in threads:
