@@ -177,6 +177,9 @@ class VllmDriver:
             # engine's own /v1/models matches `llmctl ls`, and a direct request by alias works.
             "--served-model-name", profile.name, *profile.aliases,
             "--max-model-len", str(placement.ctx),
+            # [launch] parallel is the number of sequences an engine runs at once, as llama.cpp's
+            # slots are; llmd admits that many requests at a time (max_concurrency's default).
+            "--max-num-seqs", str(launch.parallel),
             *kv_cache_dtype_args(launch.cache_type),
             # A generative model is converted to an embedding model (`--convert auto`); an
             # embedding model runs as it is.
