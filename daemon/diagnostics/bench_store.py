@@ -6,14 +6,11 @@ can show the tokens/s a model reached on this machine next to its profile.
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from llmd.daemon.util.atomic_write import write_json_atomic
-
-log = logging.getLogger(__name__)
+from llmd.daemon.util.state_file import expect, read_state
 
 
 def bench_path(state_dir: Path, name: str) -> Path:
@@ -21,16 +18,17 @@ def bench_path(state_dir: Path, name: str) -> Path:
 
 
 def read_bench(state_dir: Path, name: str) -> dict[str, Any] | None:
-    """The profile's last bench result, or None if it was never benched (or the file is unreadable)."""
-    path = bench_path(state_dir, name)
-    try:
-        result = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable bench result %s (%s)", path, exc)
-        return None
-    return result if isinstance(result, dict) else None
+    """The profile's last bench result, or None if it was never benched (a damaged file is
+    logged and moved aside)."""
+    return read_state(bench_path(state_dir, name), _parse_bench)
+
+
+def _parse_bench(result: Any) -> dict[str, Any]:
+    """A bench result as `store_bench` accepts one: an object with a headline and rows."""
+    expect(result, dict, "the bench result")
+    expect(result["headline"], str, "headline")
+    expect(result["rows"], list, "rows")
+    return result
 
 
 def bench_headline(state_dir: Path, name: str) -> str | None:
@@ -59,7 +57,7 @@ class HeadlineCache:
             self._seen.pop(path, None)
             return None
         except OSError:
-            return bench_headline(state_dir, name)  # unreadable: let it log why, and cache nothing
+            return bench_headline(state_dir, name)  # unreadable: let it log why and move it aside, and cache nothing
         version = (st.st_ino, st.st_size, st.st_mtime_ns)
         seen = self._seen.get(path)
         if seen is not None and seen[0] == version:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from llmd.daemon.util.atomic_write import write_json_atomic
+from llmd.daemon.util.state_file import BadState, expect, expect_number, read_state
 
 MANIFEST = "manifest.json"
 # The manifest's format; a manifest of another version is ignored (and its files dropped).
@@ -268,16 +269,36 @@ class KvStore:
 
     @staticmethod
     def _read(directory: Path) -> dict[str, Any]:
-        try:
-            manifest = json.loads((directory / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-            return {}
-        return manifest
+        # A damaged manifest is moved aside: its files are then leftovers, removed at the next launch.
+        return read_state(directory / MANIFEST, _parse_manifest) or {}
 
     @staticmethod
     def _write(directory: Path, manifest: dict[str, Any]) -> None:
         manifest["version"] = MANIFEST_VERSION
         write_json_atomic(directory / MANIFEST, manifest, indent=1, sort_keys=True)
 
+
+
+def _parse_manifest(manifest: Any) -> dict[str, Any]:
+    """A manifest of this version with every slot checked, or {} for one of another version.
+
+    A slot's file must be a plain name in the launch's directory: the manifest decides which
+    files are handed to the engine and which are deleted."""
+    expect(manifest, dict, "the manifest")
+    if expect(manifest["version"], int, "version") != MANIFEST_VERSION:
+        return {}
+    expect(manifest["key"], dict, "key")
+    for number, entry in expect(manifest["slots"], dict, "slots").items():
+        expect(entry, dict, f"slot {number}")
+        saved = SavedSlot(**entry)
+        if str(expect_number(saved.slot, f"slot {number}.slot", integer=True)) != number:
+            raise BadState(f"slot {number} records slot {saved.slot}")
+        name = expect(saved.file, str, f"slot {number}.file")
+        if Path(name).name != name or not name.endswith(SAVE_SUFFIX):
+            raise BadState(f"slot {number}.file {name!r} is not a save's file name")
+        expect_number(saved.bytes, f"slot {number}.bytes", integer=True)
+        expect_number(saved.tokens, f"slot {number}.tokens", integer=True)
+        expect(saved.sha256, str, f"slot {number}.sha256")
+        expect_number(saved.saved_at, f"slot {number}.saved_at")
+        expect_number(saved.used_at, f"slot {number}.used_at")
+    return manifest

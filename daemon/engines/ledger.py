@@ -4,7 +4,6 @@ their ports or GPUs."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -14,6 +13,7 @@ from typing import Any
 import psutil
 
 from llmd.daemon.util.atomic_write import write_json_atomic
+from llmd.daemon.util.state_file import expect, expect_number, read_state
 from llmd.daemon.engines.supervisor import OWNER_ENV, EngineProcess
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,20 @@ class PidLedger:
         return stopped
 
     def _read(self) -> dict[str, dict[str, Any]]:
-        try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) else {}
-        except FileNotFoundError:
-            return {}
-        except ValueError:
-            log.warning("ignoring unreadable pid ledger %s", self.path)
-            return {}
+        return read_state(self.path, _parse_ledger) or {}
+
+
+def _parse_ledger(data: Any) -> dict[str, dict[str, Any]]:
+    """The ledger's entries, each checked: a wrong pid could make llmd signal a stranger."""
+    for name, entry in expect(data, dict, "the ledger").items():
+        expect(entry, dict, f"entry {name!r}")
+        expect_number(entry["pid"], f"{name}.pid", minimum=1, integer=True)
+        expect_number(entry["create_time"], f"{name}.create_time")
+        if "argv" in entry and not all(isinstance(arg, str) for arg in expect(entry["argv"], list, f"{name}.argv")):
+            raise ValueError(f"{name}.argv holds something other than strings")
+        if "port" in entry:
+            expect_number(entry["port"], f"{name}.port", minimum=1, integer=True)
+    return data
 
 
 def _signal_group_or_process(pid: int, sig: int) -> None:

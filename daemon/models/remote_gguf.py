@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 from huggingface_hub import constants
@@ -33,6 +34,7 @@ from llmd.daemon.models.range_reader import RangeReader
 from llmd.daemon.placement.estimate import EstimateError
 from llmd.daemon.placement.gguf_header import FileHeader, GgufHeaderError, HeaderOnlyGguf, parse_header, split_part_names
 from llmd.daemon.util.atomic_write import write_atomic, write_json_atomic
+from llmd.daemon.util.state_file import expect, expect_number, read_state
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,19 @@ def _parse_kept(data: bytes) -> FileHeader | None:
         return None
 
 
+def _parse_entry(raw: Any) -> _Entry:
+    """A kept header's index, each field checked."""
+    expect(raw, dict, "the index")
+    strings = {name: expect(raw[name], str, name) for name in ("endpoint", "repo", "revision", "filename", "commit", "etag")}
+    size = raw["size"]
+    return _Entry(
+        **strings,
+        size=None if size is None else expect_number(size, "size", integer=True),
+        length=expect_number(raw["length"], "length", minimum=1, integer=True),
+        checked_at=expect_number(raw["checked_at"], "checked_at"),
+    )
+
+
 class _HeaderCache:
     """Header bytes by file, in `directory`: `<key hash>.bin` and its `_Entry` as `.json`.
 
@@ -204,11 +219,14 @@ class _HeaderCache:
 
     def get(self, key: str) -> tuple[_Entry, bytes] | None:
         index, blob = self._paths(key)
-        try:
-            entry = _Entry(**json.loads(index.read_text()))
-            data = blob.read_bytes()
-        except (OSError, ValueError, TypeError):
+        entry = read_state(index, _parse_entry)  # a damaged index is moved aside: read from the Hub again
+        if entry is None:
             return None
+        try:
+            data = blob.read_bytes()
+        except OSError:
+            return None
+        # A different length: a crash between writing the bytes and their index. Not damage.
         return (entry, data) if len(data) == entry.length else None
 
     def put(self, key: str, entry: _Entry, data: bytes) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmd.daemon.util.atomic_write import write_json_atomic
+from llmd.daemon.util.state_file import expect, expect_number, read_state
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.placement.estimate import Estimate, estimate_profile
 from llmd.daemon.placement.gguf_header import HeaderOnlyGguf
@@ -62,16 +63,8 @@ class MeasurementStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._data: dict[str, Measurement] = {}
-        try:
-            raw = json.loads(path.read_text())
-            for name, item in raw.items():
-                item["per_gpu_mib"] = {int(k): v for k, v in item["per_gpu_mib"].items()}
-                self._data[name] = Measurement(**item)
-        except FileNotFoundError:
-            pass
-        except (ValueError, TypeError, KeyError) as exc:
-            log.warning("ignoring unreadable %s (%s); llmd will measure again", path, exc)
+        # A damaged file is moved aside: llmd measures again.
+        self._data: dict[str, Measurement] = read_state(path, _parse_measurements) or {}
 
     def get(self, name: str, fingerprint: str) -> Measurement | None:
         found = self._data.get(name)
@@ -80,6 +73,28 @@ class MeasurementStore:
     def record(self, name: str, measurement: Measurement) -> None:
         self._data[name] = measurement
         write_json_atomic(self.path, {k: v.__dict__ for k, v in self._data.items()}, indent=1, sort_keys=True)
+
+
+def _parse_measurements(raw: Any) -> dict[str, Measurement]:
+    """The measurements in measured-vram.json, each checked: they decide where models go."""
+    found = {}
+    for name, item in expect(raw, dict, "the file").items():
+        expect(item, dict, f"{name!r}")
+        per_gpu = {}
+        for card, mib in expect(item["per_gpu_mib"], dict, f"{name}.per_gpu_mib").items():
+            index = int(card)
+            if index < 0:
+                raise ValueError(f"{name}.per_gpu_mib names GPU {card}")
+            per_gpu[index] = expect_number(mib, f"{name}.per_gpu_mib[{card}]", minimum=1, integer=True)
+        if not per_gpu:  # `learn` records only engines seen on a card: none would plan the model as free
+            raise ValueError(f"{name}.per_gpu_mib is empty")
+        found[name] = Measurement(
+            fingerprint=expect(item["fingerprint"], str, f"{name}.fingerprint"),
+            per_gpu_mib=per_gpu,
+            estimate_mib=expect_number(item["estimate_mib"], f"{name}.estimate_mib", integer=True),
+            measured_at=expect_number(item["measured_at"], f"{name}.measured_at"),
+        )
+    return found
 
 
 class Planner:

@@ -1,8 +1,9 @@
 """Writing a small file in one step: a reader sees the old content or the new, never half of it.
 
 The data goes to a scratch file in the target's own directory (a rename is atomic only within
-one file system), is flushed to disk, and then takes the target's name. A crash at any point
-leaves the old file whole; at worst a hidden scratch file stays behind.
+one file system), is flushed to disk, and then takes the target's name; the directory is then
+flushed too, so that the new name itself survives a power cut. A crash at any point leaves the
+old file whole; at worst a hidden scratch file stays behind.
 """
 
 from __future__ import annotations
@@ -35,7 +36,25 @@ def write_atomic(path: Path, data: bytes | str, *, overwrite: bool = True) -> Pa
     finally:
         if os.path.lexists(scratch):
             os.unlink(scratch)
+    fsync_directory(path.parent)
     return path
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush `directory`'s entries to disk: a rename is durable only once its directory is.
+
+    A file system that cannot sync a directory (some network ones refuse) keeps the rename
+    all the same; only its durability across a power cut is then up to the file system."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, value: Any, **dumps: Any) -> Path:
