@@ -24,6 +24,7 @@ from llmd.daemon.errors import LlmdError, UnknownModelError
 from llmd.daemon.http.request_log import RequestLog
 from llmd.daemon.util.log_lines import DEFAULT_LOG_LINES, LOG_ABSENT_HEADER, MAX_LOG_LINES
 from llmd.daemon.util.log_tail import read_tail
+from llmd.daemon.util.rotating_log import LogFollower, rotated
 from llmd.daemon.manager.core import Manager
 from llmd.daemon.manager.state import Load, State
 from llmd.daemon.manager.reload import reload_profiles
@@ -325,6 +326,7 @@ class ManagementApi:
         try:
             # The tail and where following goes on come from one read: no line is lost or sent twice.
             tail, position = read_tail(path, lines)
+            tail = _with_rotated_lines(path, tail, lines)
         except FileNotFoundError:
             never_ran = f"{name!r} has not run yet: it has no engine log ({path}); `llmctl load {name}` starts it"
             if not follow:
@@ -340,17 +342,15 @@ class ManagementApi:
                 yield tail
             if not follow:
                 return
-            while True:
-                await anyio.sleep(FOLLOW_POLL_SECONDS)
-                size = path.stat().st_size if path.exists() else 0
-                if size < position:  # truncated or replaced: start over
-                    position = 0
-                if size > position:
-                    with path.open("rb") as fh:
-                        fh.seek(position)
-                        data = fh.read(size - position)
-                    position = size
-                    yield data
+            # Across the log's rotations (the rest of the old file, then the new one), as `tail -F`.
+            follower = LogFollower(path, position)
+            try:
+                while True:
+                    await anyio.sleep(FOLLOW_POLL_SECONDS)
+                    while data := follower.read_new():
+                        yield data
+            finally:
+                follower.close()
 
         return StreamingResponse(stream(), media_type="text/plain; charset=utf-8", headers=headers)
 
@@ -362,6 +362,21 @@ class _LastLine:
 
     def __call__(self, line: str) -> None:
         self.text = line
+
+
+def _with_rotated_lines(path: Path, tail: bytes, lines: int) -> bytes:
+    """`tail` (the end of the log at `path`) with the lines before it from the rotated files
+    (LOG.1, LOG.2, ...), up to `lines` in all: a log rotated lately holds only its newest lines."""
+    number = 1
+    while lines and (shown := tail.count(b"\n") + (0 if tail.endswith(b"\n") or not tail else 1)) < lines:
+        older = rotated(path, number)
+        try:
+            before, _ = read_tail(older, lines - shown)
+        except FileNotFoundError:
+            break
+        tail = before + tail
+        number += 1
+    return tail
 
 
 async def _unknown_model(request: Request, exc: Exception) -> Response:
