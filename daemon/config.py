@@ -49,6 +49,28 @@ def _check_host_port(field: str, value: str) -> str:
     return value
 
 
+_HOST_NAME = re.compile(r"[a-z0-9._-]+")
+
+
+def _check_host_name(name: str) -> str:
+    """An `allowed_hosts` entry, lower-cased: a name or an address without a port, or "*"."""
+    value = name.strip().lower()
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    if value == "*" or _HOST_NAME.fullmatch(value):
+        return value
+    if ":" in bare:
+        import ipaddress
+
+        try:
+            return str(ipaddress.IPv6Address(bare))
+        except ValueError:
+            pass
+    raise ValueError(
+        f'allowed_hosts: {name!r} is not a host name; give names or addresses without scheme or port, '
+        f'like ["llm.example.lan", "192.168.1.5"], or "*" for any'
+    )
+
+
 def _secret_problem(secret: SecretStr, min_chars: int) -> str | None:
     """What is wrong with a key or token, without ever quoting it."""
     value = secret.get_secret_value()
@@ -78,6 +100,15 @@ class ServerConfig(BaseModel):
     # How long a client may take to send a request body before a 408, so a trickling client
     # cannot hold a connection and a buffer open indefinitely.
     body_timeout: PositiveSeconds = 30.0
+    # How long a connection may take to send a request's head (its request line and headers)
+    # before it is closed, so that a client that connects and stalls cannot hold it for good.
+    head_timeout: PositiveSeconds = 15.0
+    # Connections each listener keeps open at once; past it, a new one gets a 503 and is closed.
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+    # Host names, besides localhost and loopback addresses, that a listener bound to loopback
+    # answers for (`Host` header); a page of another site that rebinds its name to 127.0.0.1 is
+    # refused. "*" admits any name.
+    allowed_hosts: list[str] = Field(default_factory=list)
     # Bearer keys the proxy accepts; empty means no key is needed. SecretStr keeps them out of
     # every repr, log line and validation error.
     api_keys: list[SecretStr] = Field(default_factory=list)
@@ -119,6 +150,11 @@ class ServerConfig(BaseModel):
     @classmethod
     def _check_listen(cls, value: str) -> str:
         return _check_host_port("listen", value)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: list[str]) -> list[str]:
+        return [_check_host_name(name) for name in value]
 
     @field_validator("management_listen")
     @classmethod

@@ -41,6 +41,11 @@ COMMENTS: dict[str, str] = {
     "server.shutdown_grace": "Seconds in-flight requests may run on after llmd is asked to stop.",
     "server.queue_timeout": "Seconds a request waits for room on the GPUs (or a free slot) before a 503.",
     "server.body_timeout": "Seconds a client may take to send a request body before a 408.",
+    "server.head_timeout": "Seconds a client may take to send a request's head (request line and headers) "
+                           "before the connection is closed.",
+    "server.max_connections": "Connections each listener keeps open at once; one more gets a 503.",
+    "server.allowed_hosts": "Host names, besides localhost and loopback addresses, that listeners bound to "
+                            "loopback answer for (the rest are refused, against DNS rebinding); \"*\" for any.",
     "server.api_keys": "Keys the proxy accepts as `Authorization: Bearer KEY` (at least 8 printable "
                        "characters each, e.g. from `openssl rand -hex 24`); empty: no key is needed.",
     "server.model_dirs": "Profiles may only name model files inside these directories; empty allows any path.",

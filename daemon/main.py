@@ -8,11 +8,12 @@ socket, in one event loop, and stops every engine before it exits: on SIGTERM or
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -26,10 +27,13 @@ from llmd.drivers.registry import load_drivers
 from llmd.daemon.web.api import build_api_app
 from llmd.daemon.config import DaemonConfig, ServerConfig, config_path_from_env, load_config, split_host_port
 from llmd.daemon.http.client_link import LinkedHttpProtocol
+from llmd.daemon.http.connection_guard import ConnectionLimits
+from llmd.daemon.http.host_check import guard_listener
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.http.listeners import bind_tcp, bind_unix
 from llmd.daemon.manager.core import Manager
 from llmd.daemon.http.anthropic import anthropic_api
+from llmd.daemon.http.openai_errors import error_response
 from llmd.daemon.http.proxy import BearerAuth, Proxy, build_proxy_app
 from llmd.daemon.http.responses_api import responses_api
 from llmd.daemon.http.ollama import ollama_api
@@ -40,6 +44,7 @@ from llmd.daemon.util.daemon_log import log_to_file
 from llmd.daemon.util.rotating_log import LogLimits
 from llmd.daemon.util.loopback import is_loopback_host
 from llmd.daemon.web.dashboard_where import DashboardPointer
+from llmd.daemon.util.open_files import raise_open_files_limit
 from llmd.daemon.util.sdnotify import notify, ping_watchdog_forever, started_by_systemd, watchdog_interval
 from llmd.daemon.util.shutdown import Shutdown, stop_within
 
@@ -47,6 +52,8 @@ log = logging.getLogger("llmd")
 
 # The management API only serves llmctl; a follower of `logs -f` must not hold up shutdown.
 API_SHUTDOWN_GRACE = 2.0
+# An idle kept-alive connection is closed after this long (uvicorn's default, said here).
+KEEP_ALIVE_SECONDS = 5
 
 
 class _Server(uvicorn.Server):
@@ -84,12 +91,17 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _server(app: ASGIApp, graceful_seconds: float, *, forwarded_headers: bool = True) -> _Server:
+def _server(
+    app: ASGIApp, graceful_seconds: float, *, forwarded_headers: bool = True, limits: ConnectionLimits | None = None
+) -> _Server:
     """uvicorn serving `app`; `forwarded_headers` trusts X-Forwarded-For and -Proto from loopback,
-    which the dashboard needs behind a TLS proxy (its cookie is marked Secure from the scheme)."""
+    which the dashboard needs behind a TLS proxy (its cookie is marked Secure from the scheme).
+    `limits` bound what each connection may take (see connection_guard)."""
     config = uvicorn.Config(
         app,
-        http=LinkedHttpProtocol,  # short cuts for relayed streams (see client_link)
+        # Short cuts for relayed streams (see client_link), within the connection limits.
+        http=functools.partial(LinkedHttpProtocol, limits=limits or ConnectionLimits()),  # type: ignore[arg-type]
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         proxy_headers=forwarded_headers,
         lifespan="off",
         access_log=False,
@@ -119,7 +131,32 @@ def _management_over_tcp(
 
     # A browser cannot send the Bearer header: the dashboard's login trades the token for a cookie.
     app: ASGIApp = DashboardAuth(bearer, token) if manager.config.dashboard.enabled else bearer
-    return _server(app, API_SHUTDOWN_GRACE), sock
+    host = split_host_port(server.management_listen)[0]
+    app = guard_listener(app, host, server.allowed_hosts, _management_error(403))
+    return _server(app, API_SHUTDOWN_GRACE, limits=_connection_limits(server)), sock
+
+
+def _management_error(status: int) -> Callable[[str], JSONResponse]:
+    """The management API's error reply: `{"error": MESSAGE}`."""
+    return lambda message: JSONResponse({"error": message}, status_code=status)
+
+
+def _connection_limits(server: ServerConfig) -> ConnectionLimits:
+    """What each connection to one listener may take."""
+    return ConnectionLimits(head_timeout=server.head_timeout, max_connections=server.max_connections)
+
+
+def _raise_open_files(server: ServerConfig) -> None:
+    """Take every descriptor the hard limit allows, and say how many that is."""
+    before, after = raise_open_files_limit()
+    raised = f" (raised from {before})" if after != before else ""
+    log.info("open files limit: %d%s", after, raised)
+    if server.max_connections * 2 > after:  # a proxied connection holds one to its engine too
+        log.warning(
+            "[server] max_connections = %d may use up the %d descriptors llmd may open (each proxied "
+            "connection holds one to its engine too); lower it, or raise LimitNOFILE / ulimit -n",
+            server.max_connections, after,
+        )
 
 
 def _warn_if_open(server: ServerConfig) -> None:
@@ -138,6 +175,7 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     # Read before anything else runs: the environment systemd started the daemon with.
     systemd_variable = started_by_systemd()
     _warn_if_open(server)
+    _raise_open_files(server)
     drivers = load_drivers()
     profiles = read_profiles(config, drivers)
     server.state_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +198,11 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     # Nothing on the proxy port reads the client's address or scheme: without the forwarded
     # headers' middleware, every request skips a layer.
     requests = RequestLog(server.request_log, server.log_bodies)
-    proxy_server = _server(manager.metrics.instrument(proxy_app, requests), server.shutdown_grace, forwarded_headers=False)
+    # A page of another site that rebinds its name to 127.0.0.1 is refused (see host_check).
+    proxy_app = guard_listener(proxy_app, server.listen_host, server.allowed_hosts,
+                               lambda message: error_response(403, message))
+    proxy_server = _server(manager.metrics.instrument(proxy_app, requests), server.shutdown_grace,
+                           forwarded_headers=False, limits=_connection_limits(server))
     # The dashboard's playground enters the same proxy, counted and logged alike; the management
     # listener's own access control stands in for an API key (docs/dashboard.md).
     playground = manager.metrics.instrument(proxy, requests)
@@ -175,7 +217,9 @@ async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
 
     shutdown = Shutdown(stop_gracefully, systemd_variable,
                         stop_within(server.shutdown_grace, API_SHUTDOWN_GRACE, server.stop_grace))
-    api_server = _server(build_api_app(manager, requests, playground, shutdown, config_path), API_SHUTDOWN_GRACE)
+    api_app = guard_listener(build_api_app(manager, requests, playground, shutdown, config_path), None,
+                             server.allowed_hosts, _management_error(403))
+    api_server = _server(api_app, API_SHUTDOWN_GRACE, limits=_connection_limits(server))
     listeners += [(proxy_server, proxy_socket), (api_server, api_socket)]
     management_tcp = _management_over_tcp(manager, server, requests, playground, shutdown, config_path)
     if management_tcp is not None:

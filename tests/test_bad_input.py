@@ -81,6 +81,9 @@ def _body(payload: object) -> tuple[str, str, bytes, dict[str, str]]:
                      "Content-Type must be application/json, not 'text/plain'", id="content-type-text"),
         pytest.param(_post(b"model=tiny", {"content-type": "application/x-www-form-urlencoded"}), 415,
                      "Content-Type must be application/json", id="content-type-form"),
+        # What a page of another site can make a browser send without asking first.
+        pytest.param(_post(b'{"model": "tiny"}', {}), 415,
+                     "Content-Type must be application/json, and the request has none", id="content-type-missing"),
         pytest.param(("GET", "/v1/nope", b"", {}), 404, "no route GET /v1/nope; llmd serves /v1/chat/completions", id="unknown-route-get"),
         pytest.param(("POST", "/v2/chat/completions", b"{}", JSON), 404, "no route POST /v2/chat/completions", id="unknown-route-post"),
         pytest.param(("GET", "/v1/chat/completions", b"", {}), 405,
@@ -126,7 +129,7 @@ def _read_reply(sock: socket.socket) -> tuple[int, dict]:
 
 
 def test_huge_declared_body_gets_413_before_it_is_sent(daemon) -> None:  # type: ignore[no-untyped-def]
-    head = f"POST /v1/chat/completions HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: {100 * MiB}\n"
+    head = f"POST /v1/chat/completions HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\nContent-Length: {100 * MiB}\n"
     with _raw_request(daemon, head) as sock:
         status, body = _read_reply(sock)
     assert status == 413 and "larger than 32 MiB" in body["error"]["message"]
@@ -136,7 +139,7 @@ def test_huge_declared_body_gets_413_before_it_is_sent(daemon) -> None:  # type:
 def test_slow_client_gets_408_and_holds_nothing(make_daemon, tiny_gguf: Path) -> None:  # type: ignore[no-untyped-def]
     daemon = daemon_with_server_settings(make_daemon, "body_timeout = 2\n", {"tiny": tiny_profile(tiny_gguf)})
     body = json.dumps(CHAT).encode()
-    head = f"POST /v1/chat/completions HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: {len(body)}\n"
+    head = f"POST /v1/chat/completions HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\nContent-Length: {len(body)}\n"
     sock = _raw_request(daemon, head, body[:5])
     stop = threading.Event()
 
@@ -167,7 +170,7 @@ def test_slow_client_gets_408_and_holds_nothing(make_daemon, tiny_gguf: Path) ->
 
 
 def test_client_that_disconnects_mid_body(daemon) -> None:  # type: ignore[no-untyped-def]
-    head = "POST /v1/chat/completions HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: 1000\n"
+    head = "POST /v1/chat/completions HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\nContent-Length: 1000\n"
     _raw_request(daemon, head, b'{"model": "ti').close()
     time.sleep(0.3)
     assert_still_serves(daemon)

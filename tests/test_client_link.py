@@ -28,6 +28,7 @@ pytestmark = pytest.mark.anyio
 
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 REQUEST = json.dumps({"model": "tiny", "stream": True}).encode()
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture
@@ -157,7 +158,7 @@ async def test_a_stream_is_written_straight_to_the_client_in_valid_chunks(proxy_
     expected = b'data: {"n": 0}\n\ndata: {"n": 1}\n\ndata: {"n": 2}\n\ndata: [DONE]\n\n'
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxied.port}") as client:
         for _ in range(2):  # twice on one keep-alive connection: the first reply ended properly
-            async with client.stream("POST", "/v1/chat/completions", content=REQUEST) as response:
+            async with client.stream("POST", "/v1/chat/completions", content=REQUEST, headers=JSON) as response:
                 assert response.status_code == 200
                 assert response.headers["content-type"] == "text/event-stream"
                 assert b"".join([piece async for piece in response.aiter_raw()]) == expected
@@ -170,7 +171,7 @@ async def test_without_uvicorn_the_relay_goes_through_send() -> None:
     recorder = TapRecorder(build_proxy_app(Proxy(FakeManager(engine))))  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=recorder)
     async with httpx.AsyncClient(transport=transport, base_url="http://llmd") as client:
-        response = await client.post("/v1/chat/completions", content=REQUEST)
+        response = await client.post("/v1/chat/completions", content=REQUEST, headers=JSON)
     assert response.content.endswith(b"data: [DONE]\n\n")
     assert recorder.direct == [False] and recorder.tapped == []
 
@@ -195,7 +196,8 @@ async def test_a_slow_client_holds_the_engine_back(proxy_for) -> None:  # type: 
     client.setblocking(False)
     loop = asyncio.get_running_loop()
     await loop.sock_connect(client, ("127.0.0.1", proxied.port))
-    await loop.sock_sendall(client, b"POST /v1/chat/completions HTTP/1.1\r\nhost: llmd\r\ncontent-length: %d\r\n\r\n%b"
+    await loop.sock_sendall(client, b"POST /v1/chat/completions HTTP/1.1\r\nhost: llmd\r\ncontent-type: application/json\r\n"
+                            b"content-length: %d\r\n\r\n%b"
                             % (len(REQUEST), REQUEST))
     await asyncio.sleep(1.0)  # the client reads nothing meanwhile
     assert 0 < engine.written < total // 2, f"the engine wrote {engine.written} of {total} pieces to a client that read none"
@@ -221,7 +223,7 @@ async def test_a_client_that_leaves_mid_stream_closes_the_engine_connection(prox
     engine = ScriptedEngine(endless)
     proxied = await proxy_for(engine)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxied.port}") as client:
-        async with client.stream("POST", "/v1/chat/completions", content=REQUEST) as response:
+        async with client.stream("POST", "/v1/chat/completions", content=REQUEST, headers=JSON) as response:
             async for _ in response.aiter_raw():
                 break
     await asyncio.wait_for(engine.closed_by_client.wait(), 5)
@@ -242,7 +244,8 @@ async def test_a_client_that_leaves_before_the_reply_starts_frees_the_engine_at_
     engine = ScriptedEngine(thinking)
     proxied = await proxy_for(engine)
     client = socket.create_connection(("127.0.0.1", proxied.port))
-    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: llmd\r\ncontent-length: %d\r\n\r\n%b" % (len(REQUEST), REQUEST))
+    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: llmd\r\ncontent-type: application/json\r\n"
+                   b"content-length: %d\r\n\r\n%b" % (len(REQUEST), REQUEST))
     await asyncio.wait_for(reached.wait(), 5)
     client.close()
     # The connection reports the disconnect: the request to the engine is closed, the model released.
@@ -268,7 +271,7 @@ async def test_an_engine_that_breaks_off_a_stream_gets_an_error_event_and_a_heal
     engine = ScriptedEngine(dies)
     proxied = await proxy_for(engine)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxied.port}") as client:
-        response = await client.post("/v1/chat/completions", content=REQUEST)
+        response = await client.post("/v1/chat/completions", content=REQUEST, headers=JSON)
     events = response.content.split(b"\n\n")
     assert events[0] == b'data: {"n": 0}'
     assert json.loads(events[1].removeprefix(b"data: "))["error"]["message"] == "engine for 'tiny' broke off the stream"
@@ -288,8 +291,8 @@ async def test_a_whole_reply_goes_out_in_one_write(proxy_for) -> None:  # type: 
     reader, writer = await asyncio.open_connection("127.0.0.1", proxied.port)
     request = json.dumps({"model": "tiny"}).encode()
     for _ in range(2):  # and the next reply on the same connection too
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%b"
-                     % (len(request), request))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%b" % (len(request), request))
         # One write: the first read after the reply starts arriving holds all of it.
         first = await asyncio.wait_for(reader.read(65536), 5)
         assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\n" + reply)

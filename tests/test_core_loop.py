@@ -182,7 +182,7 @@ def test_a_whole_reply_from_the_engine_reaches_the_client_in_one_piece(make_daem
     daemon = make_daemon({"tiny": tiny_profile(tiny_gguf, ctx=4096)})
     daemon.llmctl("load", "tiny")
     body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                b"content-length: %d\r\n\r\n%b" % (len(body), body))
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
         for _ in range(2):

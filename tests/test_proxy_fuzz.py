@@ -64,7 +64,7 @@ def test_parse_model_accepts_exactly_the_non_empty_string_models(model: object, 
 @given(payload=json_values.filter(lambda value: not isinstance(value, dict)))
 def test_parse_model_rejects_bodies_that_are_not_objects(payload: object) -> None:
     with pytest.raises(BadRequest, match="must be a JSON object"):
-        parse_request(json.dumps(payload).encode(), None)
+        parse_request(json.dumps(payload).encode(), "application/json")
 
 
 @pytest.mark.parametrize(
@@ -142,7 +142,8 @@ def test_any_request_gets_a_reply_or_an_openai_error(open_app, method, path, bod
 
 def test_a_header_value_above_ascii_reaches_the_engine(open_app) -> None:  # type: ignore[no-untyped-def]
     client, manager = open_app
-    response = client.post("/v1/chat/completions", content=b'{"model":"tiny"}', headers={"x-odd": b"\x80\xff"})
+    headers = {"content-type": "application/json", "x-odd": b"\x80\xff"}
+    response = client.post("/v1/chat/completions", content=b'{"model":"tiny"}', headers=headers)
     assert response.status_code == 200, response.text
     # (The test client re-encodes the value as UTF-8 on its way in; the proxy passes on the bytes it got.)
     odd = [value for name, value in manager.engine.requests[-1].headers.raw if name == b"x-odd"]

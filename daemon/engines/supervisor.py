@@ -40,6 +40,10 @@ _prctl.restype = ctypes.c_int
 
 # Readiness is probed this often: fast enough that llmd adds next to nothing to a cold start.
 READY_POLL_SECONDS = 0.01
+# How often an engine's exit is looked for when no pidfd can be opened (out of descriptors).
+EXIT_POLL_SECONDS = 0.1
+# Errors of this side's own making: no descriptor, buffer, memory or local port for a probe.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
 LOG_TAIL_LINES = 20
 
 
@@ -67,8 +71,13 @@ def tail_lines(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     return data.decode(errors="replace").splitlines()
 
 
+class ProbeNotMade(Exception):
+    """llmd could not make a probe (out of descriptors, say): it says nothing about the engine."""
+
+
 async def http_ok(port: int, path: str, timeout: float) -> bool:
-    """GET `path` on a fresh loopback connection, closed right after: True on a 200.
+    """GET `path` on a fresh loopback connection, closed right after: True on a 200; ProbeNotMade
+    when this side could not even try (`_LOCAL_ERRNOS`).
 
     A probe never leaves an idle keep-alive connection behind: llama-server takes about 100 ms
     longer to exit on SIGTERM while a client holds one. Plain sockets also keep the probe cheap
@@ -94,7 +103,11 @@ async def http_ok(port: int, path: str, timeout: float) -> bool:
                     head += data
             if b"\r\n" not in head:
                 head += _waiting_bytes(sock)
-    except (OSError, TimeoutError):
+    except OSError as exc:
+        if exc.errno in _LOCAL_ERRNOS:
+            raise ProbeNotMade(f"cannot probe 127.0.0.1:{port}: {exc.strerror or exc}") from None
+        return False
+    except TimeoutError:
         return False
     status = head.split(b"\r\n", 1)[0].split(b" ")
     return len(status) >= 2 and status[1] == b"200"
@@ -106,6 +119,15 @@ def _waiting_bytes(sock: socket.socket) -> bytes:
         return sock.recv(256)
     except BlockingIOError:
         return b""
+
+
+async def _ready(port: int, path: str) -> bool:
+    """Whether a starting engine answers its readiness probe; not yet, while none can be made."""
+    try:
+        return await http_ok(port, path, timeout=2.0)
+    except ProbeNotMade:
+        await anyio.sleep(EXIT_POLL_SECONDS)
+        return False
 
 
 def process_tree(pid: int) -> set[int]:
@@ -165,18 +187,26 @@ class EngineProcess:
         return tail_lines(self.log_path, lines)
 
     async def wait_exit(self) -> int:
-        """Wait for the main process to exit, without a thread, through a pidfd."""
-        if self.popen.poll() is not None:
-            return self.popen.returncode
-        try:
-            fd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            return self.popen.wait()
-        try:
-            while self.popen.poll() is None:
-                await anyio.wait_readable(fd)
-        finally:
-            os.close(fd)
+        """Wait for the main process to exit, without a thread, through a pidfd; while none can be
+        opened (no descriptor left), by looking every EXIT_POLL_SECONDS."""
+        said = False
+        while self.popen.poll() is None:
+            try:
+                fd = os.pidfd_open(self.pid)
+            except ProcessLookupError:
+                return self.popen.wait()
+            except OSError as exc:
+                if not said:
+                    log.warning("cannot watch engine %s (pid %d) through a pidfd (%s); polling it instead",
+                                self.name, self.pid, exc.strerror or exc)
+                    said = True
+                await anyio.sleep(EXIT_POLL_SECONDS)
+                continue
+            try:
+                while self.popen.poll() is None:
+                    await anyio.wait_readable(fd)
+            finally:
+                os.close(fd)
         return self.popen.returncode
 
     async def wait_ready(self, spec: LaunchSpec, timeout: float) -> None:
@@ -184,7 +214,7 @@ class EngineProcess:
         outcome: list[BaseException | None] = []
 
         async def probe() -> None:
-            while not await http_ok(self.port, spec.readiness.path, timeout=2.0):
+            while not await _ready(self.port, spec.readiness.path):
                 await anyio.sleep(READY_POLL_SECONDS)
             outcome.append(None)
 

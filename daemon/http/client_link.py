@@ -28,7 +28,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+from llmd.daemon.http.connection_guard import GuardedHttpProtocol
 
 CLIENT_LINK = "llmd.client_link"
 BODY_TAP_KEY = "llmd.body_tap"
@@ -152,9 +154,10 @@ class _HeadHoldingTransport:
         return getattr(self.transport, name)
 
 
-class LinkedHttpProtocol(HttpToolsProtocol):
+class LinkedHttpProtocol(GuardedHttpProtocol):
     """uvicorn's httptools protocol, offering each request's app a `ClientLink`, and writing
-    a whole reply's head and body at once (`_HeadHoldingTransport`)."""
+    a whole reply's head and body at once (`_HeadHoldingTransport`); within the limits of
+    `connection_guard` on each connection."""
 
     _link: ClientLink | None = None
 

@@ -65,6 +65,7 @@ from llmd.daemon.http.ollama_requests import (
     EngineCall,
     OllamaRequestError,
     chat_call,
+    check_declared_json,
     embed_call,
     generate_call,
     is_load_only,
@@ -211,6 +212,7 @@ class OllamaApi:
 
     async def _payload(self, request: Request) -> dict[str, Any] | None:
         """The request's JSON object; None if the client left while sending it."""
+        check_declared_json(request.headers.get("content-type"), request.headers.get("origin"))
         body = await self.proxy.read_body(request.scope, request.receive)
         return None if body is None else parse_body(body)
 

@@ -79,6 +79,16 @@ class EngineCall:
 # ----- the body and its common fields -----
 
 
+def check_declared_json(content_type: str | None, origin: str | None) -> None:
+    """A browser's request must declare its body JSON. Ollama's own clients may send JSON
+    undeclared (`curl -d` calls it a form), but so may a page of another site, through the
+    visitor's browser and without asking first; a browser always names the page (`Origin`)."""
+    if origin is not None and (content_type is None or "json" not in content_type.split(";")[0].lower()):
+        raise OllamaRequestError(
+            f"a request from a web page ({origin}) must send its body with 'Content-Type: application/json'", 415
+        )
+
+
 def parse_body(body: bytes) -> dict[str, Any]:
     """The request's JSON object. Ollama's clients may send it without a JSON Content-Type
     (`curl -d`), so the type is not checked."""

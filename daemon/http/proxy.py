@@ -119,8 +119,15 @@ def _json_kind(value: object) -> str:
 
 def parse_request(body: bytes, content_type: str | None) -> tuple[str, dict[str, Any]]:
     """The `model` of an OpenAI request body and the whole parsed body, or BadRequest saying
-    what is wrong with it."""
-    if content_type is not None and "json" not in content_type.split(";")[0].lower():
+    what is wrong with it.
+
+    The body must be declared JSON: a page of another site can make a browser POST here without
+    asking first only with no Content-Type or a form's or text's, so refusing those keeps such
+    pages from starting engines."""
+    if content_type is None:
+        raise BadRequest(415, "Content-Type must be application/json, and the request has none; send the header "
+                              "'Content-Type: application/json' with the JSON body")
+    if "json" not in content_type.split(";")[0].lower():
         raise BadRequest(415, f"Content-Type must be application/json, not {content_type!r}; send the body as JSON")
     try:
         payload = json.loads(body)

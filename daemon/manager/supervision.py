@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from llmd.daemon.engines.liveness import activity
-from llmd.daemon.engines.supervisor import EngineProcess, http_ok, process_tree
+from llmd.daemon.engines.supervisor import EngineProcess, ProbeNotMade, http_ok, process_tree
 from llmd.daemon.manager.hang import HangWatch, Progress
 from llmd.daemon.manager.state import ENGINE_HOST, MAX_ATTEMPTS, Instance, State, backoff_seconds, close_client
 
@@ -85,6 +85,7 @@ class Supervision:
         assert inst.spec is not None
         url = f"http://{ENGINE_HOST}:{engine.port}{inst.spec.readiness.path}"
         watch = HangWatch()
+        unprobed = False  # the last probe could not be made
         while True:
             if not watch.failures:
                 with anyio.move_on_after(HEALTH_INTERVAL):
@@ -97,7 +98,19 @@ class Supervision:
                 watch.answered()  # not probed while asleep: the count starts over when it wakes
                 continue  # asleep or falling asleep: an exit is still seen at once, through the pidfd
             sent_at = time.monotonic()
-            if await http_ok(engine.port, inst.spec.readiness.path, HEALTH_TIMEOUT):
+            try:
+                ok = await http_ok(engine.port, inst.spec.readiness.path, HEALTH_TIMEOUT)
+            except ProbeNotMade as exc:
+                # llmd itself is short of descriptors (a flood of client connections, say): no sign
+                # of a hung engine, and killing it would only make things worse.
+                if not unprobed:
+                    log.warning("%s: %s; not counted against the engine", inst.name, exc)
+                unprobed = True
+                continue
+            if unprobed:
+                log.info("%s: its health probe can be made again", inst.name)
+                unprobed = False
+            if ok:
                 watch.answered()
                 continue
             if engine.returncode is not None:
