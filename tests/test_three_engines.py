@@ -27,7 +27,7 @@ def test_each_request_lands_on_its_engine(  # type: ignore[no-untyped-def]
         f"[engines.vllm]\ncommand = {json.dumps(vllm_command)}\n"
     )
     daemon = make_daemon(profiles, extra_config=config)
-    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=900)  # vLLM starts slowly on a busy machine
     assert sorted(m.id for m in client.models.list().data) == ["fast", "llama", "vl"]
 
     prefixes = {"llama": [str(llama_server_bin)], "fast": fastllm_command, "vl": vllm_command}
