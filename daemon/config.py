@@ -28,6 +28,8 @@ from llmd.daemon.util.validation import read_toml, validate_file_data
 
 _Strict = ConfigDict(extra="forbid")
 PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
+# How long a dashboard login may last: up to a year.
+SessionSeconds = Annotated[float, Field(gt=0, le=365 * 86400)]
 
 MIN_API_KEY_CHARS = 8
 MIN_MANAGEMENT_TOKEN_CHARS = 16
@@ -222,6 +224,10 @@ class DashboardConfig(BaseModel):
 
     # The web page at /dashboard on the management listeners (docs/dashboard.md); off, it is a 404.
     enabled: bool = True
+    # A browser's login ends after this many seconds without a request, and this many seconds
+    # after it began at the latest (a restart ends every login).
+    session_idle: SessionSeconds = 12 * 3600.0
+    session_lifetime: SessionSeconds = 7 * 86400.0
 
 
 class MetricsConfig(BaseModel):

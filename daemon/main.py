@@ -128,9 +128,12 @@ def _management_over_tcp(
         reject=lambda message: JSONResponse({"error": message}, status_code=401),
     )
     from llmd.daemon.web.dashboard_auth import DashboardAuth
+    from llmd.daemon.web.dashboard_sessions import SessionStore
 
     # A browser cannot send the Bearer header: the dashboard's login trades the token for a cookie.
-    app: ASGIApp = DashboardAuth(bearer, token) if manager.config.dashboard.enabled else bearer
+    dashboard = manager.config.dashboard
+    sessions = SessionStore(dashboard.session_idle, dashboard.session_lifetime)
+    app: ASGIApp = DashboardAuth(bearer, sessions) if dashboard.enabled else bearer
     host = split_host_port(server.management_listen)[0]
     app = guard_listener(app, host, server.allowed_hosts, _management_error(403))
     return _server(app, API_SHUTDOWN_GRACE, limits=_connection_limits(server)), sock

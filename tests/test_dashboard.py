@@ -19,7 +19,7 @@ from conftest import REQUIRE_ENGINES, engine_processes, wait_until
 from llmd.daemon.diagnostics import bench_store
 from llmd.daemon.diagnostics.bench_store import HeadlineCache, bench_path, write_bench
 from llmd.daemon.web.dashboard import gpu_views
-from llmd.daemon.web.dashboard_auth import COOKIE, cookie_session, cross_site_problem, login_cookie, session_value
+from llmd.daemon.web.dashboard_auth import COOKIE, SECURE_COOKIE, cookie_session, cross_site_problem, login_cookie, logout_cookie
 from llmd.daemon.engines.supervisor import free_port
 from llmd.daemon.util.units import format_mib
 from support import daemon_with_server_settings
@@ -35,17 +35,21 @@ CARD_MIB = 2000
 # ----- pure parts -----
 
 
-def test_the_cookie_carries_a_session_derived_from_any_token_the_config_allows() -> None:
-    token = 'a;b,c"d=e%f\\g'  # printable ASCII, but not cookie-safe as is
-    set_cookie = login_cookie(token, secure=False)
-    value = set_cookie.split(";")[0]
-    assert value.startswith(f"{COOKIE}=") and all(c not in value.partition("=")[2] for c in ';,"\\ ')
-    session = cookie_session(Headers({"cookie": f"other=1; {value}; more=2"}))
-    assert session == session_value(token) and token not in value
-    assert session_value(token + "x") != session  # a new token ends every login
-    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie and "Secure" not in set_cookie
-    assert "Secure" in login_cookie(token, secure=True)
+def test_the_cookie_is_host_prefixed_and_secure_behind_tls_only() -> None:
+    plain = login_cookie("SESSION", secure=False, max_age=60)
+    assert plain == f"{COOKIE}=SESSION; Path=/; Max-Age=60; HttpOnly; SameSite=Strict"
+    # Behind TLS: `__Host-` (browsers keep it only when Secure, with Path=/ and no Domain).
+    tls = login_cookie("SESSION", secure=True, max_age=60)
+    assert tls == f"{SECURE_COOKIE}=SESSION; Path=/; Max-Age=60; HttpOnly; SameSite=Strict; Secure"
+    assert SECURE_COOKIE == "__Host-" + COOKIE and "Domain" not in tls
+    # Each scheme reads its own cookie only.
+    both = Headers({"cookie": f"other=1; {COOKIE}=plain; {SECURE_COOKIE}=tls; more=2"})
+    assert cookie_session(both) == "plain" and cookie_session(both, secure=True) == "tls"
+    assert cookie_session(Headers({"cookie": f"{SECURE_COOKIE}=tls"})) is None
     assert cookie_session(Headers({"cookie": "other=1"})) is None
+    # Logging out removes the same cookie: same name, path and attributes, no value.
+    assert logout_cookie(True) == f"{SECURE_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict; Secure"
+    assert logout_cookie(False).startswith(f"{COOKIE}=; Path=/; Max-Age=0;")
 
 
 @pytest.mark.parametrize(
@@ -148,9 +152,11 @@ def test_login_cookie_and_cross_site_rules(make_daemon, tiny_gguf: Path) -> None
         assert signed_in.status_code == 303 and signed_in.headers["location"] == "/dashboard"
         attributes = {part.strip().split("=")[0] for part in signed_in.headers["set-cookie"].split(";")}
         assert {COOKIE, "HttpOnly", "SameSite", "Path"} <= attributes and "SameSite=Strict" in signed_in.headers["set-cookie"]
-        # The browser keeps a session value, not the token, and that value is no Bearer token.
+        # Over plain HTTP: no `__Host-` prefix and no Secure, which browsers refuse without TLS.
+        assert signed_in.headers["set-cookie"].startswith(f"{COOKIE}=") and "Secure" not in signed_in.headers["set-cookie"]
+        # The browser keeps a random session id, not the token, and that id is no Bearer token.
         session = client.cookies[COOKIE]
-        assert TOKEN not in signed_in.headers["set-cookie"] and session == session_value(TOKEN)
+        assert TOKEN not in signed_in.headers["set-cookie"] and len(session) >= 43
         assert httpx.get(url + "/v1/ps", headers={"authorization": f"Bearer {session}"}).status_code == 401
 
         # The cookie opens the page and the management API...
@@ -174,9 +180,16 @@ def test_login_cookie_and_cross_site_rules(make_daemon, tiny_gguf: Path) -> None
         assert "log in again" in client.get("/v1/ps").json()["error"]
         client.cookies.clear()
         assert client.post("/dashboard/login", data={"token": TOKEN}, headers=same_site).status_code == 303
+        second = client.cookies[COOKIE]
+        assert second != session  # every login gets a session of its own
         logout = client.post("/dashboard/logout", headers=same_site)
         assert logout.status_code == 303 and "Max-Age=0" in logout.headers["set-cookie"]
         assert client.get("/v1/ps").status_code == 401
+        # Logging out ends the session in the daemon: the cookie, replayed, is refused...
+        replayed = httpx.get(url + "/v1/ps", cookies={COOKIE: second})
+        assert replayed.status_code == 401 and "log in again" in replayed.json()["error"]
+        # ... while the first login, never logged out, goes on.
+        assert httpx.get(url + "/v1/ps", cookies={COOKIE: session}).status_code == 200
 
     # Clients with the Bearer header send no Origin and need none; forged ones are still refused.
     bearer = {"authorization": f"Bearer {TOKEN}"}
@@ -191,6 +204,67 @@ def test_login_cookie_and_cross_site_rules(make_daemon, tiny_gguf: Path) -> None
         assert local.post("/v1/models/tiny/unload", headers={"origin": EVIL}).status_code == 403
     assert daemon.state("tiny") in (None, "stopped")  # llmctl sends no Origin and still works
     assert TOKEN not in daemon.log() and WRONG_TOKEN not in daemon.log()
+
+
+@pytest.mark.engine
+def test_the_cookie_behind_tls_and_the_login_throttle(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    daemon, url = _managed_daemon(make_daemon, {})
+    daemon.start()
+    same_site = {"origin": url}
+    # A TLS proxy on loopback says the browser came over HTTPS (uvicorn trusts that from loopback).
+    tls = {"x-forwarded-proto": "https", "origin": url.replace("http://", "https://")}
+
+    # Behind TLS the cookie is `__Host-` prefixed and Secure, for this host (no Domain) and Path=/.
+    signed_in = httpx.post(url + "/dashboard/login", data={"token": TOKEN}, headers=tls)
+    assert signed_in.status_code == 303, signed_in.text
+    set_cookie = signed_in.headers["set-cookie"]
+    name, _, rest = set_cookie.partition("=")
+    session = rest.split(";")[0]
+    attributes = [part.strip() for part in set_cookie.split(";")[1:]]
+    assert name == SECURE_COOKIE == "__Host-llmd_session"
+    assert attributes == ["Path=/", f"Max-Age={7 * 86400}", "HttpOnly", "SameSite=Strict", "Secure"]
+    cookie = {"cookie": f"{SECURE_COOKIE}={session}"}
+    assert httpx.get(url + "/v1/ps", headers={"x-forwarded-proto": "https", **cookie}).status_code == 200
+    # Over plain HTTP, where browsers never send a Secure cookie, it is not looked at.
+    assert httpx.get(url + "/v1/ps", headers=cookie).status_code == 401
+    logout = httpx.post(url + "/dashboard/logout", headers={**tls, **cookie})
+    assert logout.headers["set-cookie"] == f"{SECURE_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict; Secure"
+    assert httpx.get(url + "/v1/ps", headers={"x-forwarded-proto": "https", **cookie}).status_code == 401
+
+    # Five wrong tokens from one address (its browser's, as a proxy on loopback forwards it)...
+    guesser, other = {**same_site, "x-forwarded-for": "203.0.113.7"}, {**same_site, "x-forwarded-for": "203.0.113.8"}
+    for _ in range(5):
+        assert httpx.post(url + "/dashboard/login", data={"token": WRONG_TOKEN}, headers=guesser).status_code == 401
+    # ... and it gets 429 with Retry-After, even for the right token, which is not even compared.
+    for token in (WRONG_TOKEN, TOKEN):
+        refused = httpx.post(url + "/dashboard/login", data={"token": token}, headers=guesser)
+        assert refused.status_code == 429 and "Too many wrong tokens" in refused.text
+        assert 1 <= int(refused.headers["retry-after"]) <= 60 and "set-cookie" not in refused.headers
+    # Other addresses log in as before, and so does the Bearer header.
+    assert httpx.post(url + "/dashboard/login", data={"token": TOKEN}, headers=other).status_code == 303
+    assert httpx.get(url + "/v1/ps", headers={"authorization": f"Bearer {TOKEN}", "x-forwarded-for": "203.0.113.7"}).status_code == 200
+    assert TOKEN not in daemon.log() and session not in daemon.log()
+
+
+@pytest.mark.engine
+def test_a_login_ends_at_its_lifetime_however_used(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    daemon, url = _managed_daemon(make_daemon, {}, extra_config="[dashboard]\nsession_lifetime = 5\n")
+    daemon.start()
+    with httpx.Client(base_url=url) as client:
+        signed_in = client.post("/dashboard/login", data={"token": TOKEN}, headers={"origin": url})
+        assert signed_in.status_code == 303 and "Max-Age=5;" in signed_in.headers["set-cookie"]
+        # Sent as a header, not from the client's jar, which drops it by itself after Max-Age: the
+        # daemon must refuse it even from a client that keeps it longer.
+        cookie = {"cookie": f"{COOKIE}={client.cookies[COOKIE]}"}
+        client.cookies.clear()
+        assert client.get("/v1/ps", headers=cookie).status_code == 200
+        # Every poll uses the login, which keeps it from idling out but not past its lifetime.
+        wait_until(lambda: client.get("/v1/ps", headers=cookie).status_code == 401, timeout=30, what="the login to expire")
+        ended = client.get("/dashboard", headers={"accept": "text/html", **cookie})
+        assert ended.status_code == 303 and ended.headers["location"] == "/dashboard/login?expired=1"
+        assert "log in again" in client.get("/v1/ps", headers=cookie).json()["error"]
+        again = client.get("/dashboard/login?expired=1")
+        assert "Your login has ended" in again.text
 
 
 @pytest.mark.engine
@@ -393,7 +467,7 @@ def test_the_playground_and_the_requests_page_in_chromium(  # type: ignore[no-un
 
     # Other sites cannot chat with the browser's login.
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    session = {COOKIE: session_value(TOKEN)}
+    session = {COOKIE: next(c["value"] for c in context.cookies() if c["name"] == COOKIE)}
     for headers in ({"origin": EVIL}, {}):
         forged = httpx.post(url + "/dashboard/playground/chat", json=chat, cookies=session, headers=headers)
         assert forged.status_code == 403, forged.text

@@ -23,7 +23,16 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from llmd.daemon.diagnostics.bench_store import HeadlineCache
-from llmd.daemon.web.dashboard_auth import DASHBOARD_PATH, LOGIN_PATH, TOKEN_CHECK, TokenCheck, login_cookie, logout_cookie
+from llmd.daemon.web.dashboard_auth import (
+    DASHBOARD_PATH,
+    LOGIN_GATE,
+    LOGIN_PATH,
+    LoginGate,
+    cookie_session,
+    is_tls,
+    login_cookie,
+    logout_cookie,
+)
 from llmd.daemon.http.request_log import RequestLog
 from llmd.daemon.manager.core import Manager
 from llmd.daemon.placement.telemetry import has_readings, telemetry_text
@@ -160,7 +169,7 @@ class Dashboard:
 
     def _page_context(self, request: Request, page: str) -> dict[str, Any]:
         """What every page's header needs: which page it is, and what it may link to."""
-        signed_in = TOKEN_CHECK in request.scope  # a login cookie, which "log out" can end
+        signed_in = LOGIN_GATE in request.scope  # a login cookie, which "log out" can end
         return {"page": page, "signed_in": signed_in, "playground": self.playground}
 
     async def playground_page(self, request: Request) -> Response:
@@ -180,30 +189,50 @@ class Dashboard:
         return _html("status.html", **self._status_context())
 
     async def login_form(self, request: Request) -> Response:
-        if TOKEN_CHECK not in request.scope:
+        if LOGIN_GATE not in request.scope:
             return RedirectResponse(DASHBOARD_PATH, status_code=303)  # this listener needs no login
         message = None
         if request.query_params.get("expired"):
-            message = f"Your login is no longer accepted (was {TOKEN_SETTING} changed?). Paste the current token."
+            message = "Your login has ended (it expired, you logged out, or llmd restarted). Paste the token again."
         return _html("login.html", message=message, setting=TOKEN_SETTING)
 
     async def login(self, request: Request) -> Response:
-        check: TokenCheck | None = request.scope.get(TOKEN_CHECK)
-        if check is None:
+        gate: LoginGate | None = request.scope.get(LOGIN_GATE)
+        if gate is None:
             return RedirectResponse(DASHBOARD_PATH, status_code=303)
+        # Behind a TLS proxy on loopback, the browser's address from X-Forwarded-For.
+        address = request.client.host if request.client else "unknown"
+        wait = gate.throttle.retry_after(address)
+        if wait is not None:
+            # Not even compared: guessing goes no faster by sending more.
+            refused = _html("login.html", status_code=429, setting=TOKEN_SETTING, message=(
+                f"Too many wrong tokens were sent; try again in {wait} s. (Clients that send the token as "
+                f"a Bearer header are not affected.)"
+            ))
+            refused.headers["Retry-After"] = str(wait)
+            return refused
         token, problem = await _pasted_token(request)
-        if problem is None and token is not None and not check(token.encode()):
+        if problem is None and token is not None and not gate.token_matches(token.encode()):
+            gate.throttle.failed(address)
             problem = f"That token was not accepted. Paste the value of {TOKEN_SETTING} from the daemon's llmd.toml."
         if problem is not None:
             return _html("login.html", status_code=401 if token else 400, message=problem, setting=TOKEN_SETTING)
-        assert token is not None
+        gate.throttle.succeeded(address)
         response = RedirectResponse(DASHBOARD_PATH, status_code=303)
-        response.headers["Set-Cookie"] = login_cookie(token, secure=request.url.scheme == "https")
+        # The browser may keep the cookie as long as the login can last; the daemon ends it sooner
+        # when it goes unused.
+        cookie = login_cookie(gate.sessions.create(), is_tls(request.scope), int(gate.sessions.lifetime))
+        response.headers["Set-Cookie"] = cookie
         return response
 
     async def logout(self, request: Request) -> Response:
+        gate: LoginGate | None = request.scope.get(LOGIN_GATE)
+        secure = is_tls(request.scope)
+        session = cookie_session(request.headers, secure)
+        if gate is not None and session is not None:
+            gate.sessions.revoke(session)  # the cookie, sent again, is refused
         response = RedirectResponse(LOGIN_PATH, status_code=303)
-        response.headers["Set-Cookie"] = logout_cookie()
+        response.headers["Set-Cookie"] = logout_cookie(secure)
         return response
 
     async def static(self, request: Request) -> Response:

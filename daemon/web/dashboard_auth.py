@@ -2,18 +2,21 @@
 requests forged by other sites.
 
 A browser cannot attach `Authorization: Bearer TOKEN` to a page it navigates to, so the
-dashboard's login page trades the management token for an HttpOnly, SameSite=Strict cookie
-holding a value derived from it (an HMAC keyed by the token): the browser never stores the token
-itself, and the cookie cannot be replayed as a Bearer token against the management API. Cookies are sent by the browser on its own, which is what cross-site request forgery
-abuses: a state-changing request that a browser makes must therefore come from a page of this
-server (its `Origin` matches the `Host` it was sent to).
+dashboard's login page trades the management token for a session: a random id that the daemon
+keeps in memory (dashboard_sessions.py), in an HttpOnly, SameSite=Strict cookie. The browser
+never stores the token itself, the cookie cannot be replayed as a Bearer token against the
+management API, and a login ends when it expires, at *Log out* or at a restart. The login page
+stops comparing tokens from an address that sent too many wrong ones (login_throttle.py).
+
+Cookies are sent by the browser on its own, which is what cross-site request forgery abuses: a
+state-changing request that a browser makes must therefore come from a page of this server (its
+`Origin` matches the `Host` it was sent to).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
@@ -21,46 +24,66 @@ from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmd.daemon.http.proxy import BearerAuth
+from llmd.daemon.web.dashboard_sessions import SessionStore
+from llmd.daemon.web.login_throttle import LoginThrottle
 
+# The cookie's name over plain HTTP. Behind TLS it is `__Host-` prefixed: browsers then keep it
+# only if it is Secure, for this host alone (no Domain) and for Path=/, so no other host or page
+# can set one in its place. Browsers refuse a Secure cookie over plain HTTP, hence two names.
 COOKIE = "llmd_session"
-# A login lasts this long in the browser; logging out, or changing the token, ends it sooner.
-COOKIE_MAX_AGE = 30 * 24 * 3600
+SECURE_COOKIE = "__Host-" + COOKIE
 LOGIN_PATH = "/dashboard/login"
 DASHBOARD_PATH = "/dashboard"
 # Reachable without credentials: the login form, and the stylesheet it uses.
 _PUBLIC = (LOGIN_PATH, "/dashboard/static/")
-# The scope key under which the login page finds how to check a pasted token. Absent where
-# no token is needed (the unix socket: its file permissions are the access control).
-TOKEN_CHECK = "llmd.token_check"
+# The scope key under which the login page finds the LoginGate. Absent where no token is needed
+# (the unix socket: its file permissions are the access control).
+LOGIN_GATE = "llmd.login_gate"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 TokenCheck = Callable[[bytes], bool]
 
 
-def session_value(token: str) -> str:
-    """What the login cookie holds for `token`: hex, so any token fits in a cookie; changing the
-    token ends every login."""
-    return hmac.new(token.encode(), b"llmd dashboard session", hashlib.sha256).hexdigest()
+@dataclass(frozen=True)
+class LoginGate:
+    """What the login and logout pages need: how to check a pasted token, the logins, and the
+    count of failed ones."""
+
+    token_matches: TokenCheck
+    sessions: SessionStore
+    throttle: LoginThrottle
 
 
-def login_cookie(token: str, secure: bool) -> str:
-    """The Set-Cookie value that logs a browser in with `token`."""
-    attributes = [f"{COOKIE}={session_value(token)}", "Path=/", f"Max-Age={COOKIE_MAX_AGE}", "HttpOnly", "SameSite=Strict"]
+def is_tls(scope: Scope) -> bool:
+    """Whether the browser reached llmd over HTTPS: directly, or through a TLS proxy on loopback
+    that says so in X-Forwarded-Proto (uvicorn trusts that header from loopback only)."""
+    return scope.get("scheme") == "https"
+
+
+def cookie_name(secure: bool) -> str:
+    return SECURE_COOKIE if secure else COOKIE
+
+
+def login_cookie(session: str, secure: bool, max_age: int) -> str:
+    """The Set-Cookie value that logs a browser in with `session`, for `max_age` seconds."""
+    attributes = [f"{cookie_name(secure)}={session}", "Path=/", f"Max-Age={max_age}", "HttpOnly", "SameSite=Strict"]
     if secure:
         attributes.append("Secure")
     return "; ".join(attributes)
 
 
-def logout_cookie() -> str:
-    return f"{COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
+def logout_cookie(secure: bool) -> str:
+    """The Set-Cookie value that removes the login cookie (its name and attributes must match)."""
+    return login_cookie("", secure, 0)
 
 
-def cookie_session(headers: Headers) -> str | None:
-    """The value of the login cookie, or None without one."""
+def cookie_session(headers: Headers, secure: bool = False) -> str | None:
+    """The value of the login cookie for this scheme, or None without one."""
+    wanted = cookie_name(secure)
     for header in headers.getlist("cookie"):
         for pair in header.split(";"):
             name, sep, value = pair.strip().partition("=")
-            if sep and name == COOKIE and value:
+            if sep and name == wanted and value:
                 return value
     return None
 
@@ -109,12 +132,9 @@ class DashboardAuth:
     """ASGI middleware around the management API's BearerAuth: also admits the dashboard's login
     cookie, lets anyone reach the login page, and sends a browser without a login there."""
 
-    def __init__(self, bearer: BearerAuth, token: str) -> None:
+    def __init__(self, bearer: BearerAuth, sessions: SessionStore, throttle: LoginThrottle | None = None) -> None:
         self.bearer = bearer
-        self._session = session_value(token).encode()
-
-    def _valid_session(self, value: str) -> bool:
-        return hmac.compare_digest(value.encode(), self._session)
+        self.gate = LoginGate(bearer.matches, sessions, throttle or LoginThrottle())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
@@ -123,12 +143,12 @@ class DashboardAuth:
             await self.bearer(scope, receive, send)
             return
         path: str = scope["path"]
-        inner = {**scope, TOKEN_CHECK: self.bearer.matches}
+        inner = {**scope, LOGIN_GATE: self.gate}
         if path == LOGIN_PATH or path.startswith(_PUBLIC[1]):
             await self.bearer.app(inner, receive, send)
             return
-        token = cookie_session(headers)
-        if token is not None and self._valid_session(token):
+        token = cookie_session(headers, is_tls(scope))
+        if token is not None and self.gate.sessions.check(token):
             if scope["method"] not in _SAFE_METHODS:
                 problem = cross_site_problem(headers, origin_required=True)
                 if problem is not None:
@@ -141,7 +161,7 @@ class DashboardAuth:
             await RedirectResponse(target, status_code=303)(scope, receive, send)
         elif token is not None:
             await _refuse(
-                f"the dashboard's login is no longer accepted (was [server] management_token changed?); "
+                f"the dashboard's login has ended (it expired, was logged out, or llmd restarted); "
                 f"log in again at {LOGIN_PATH}", 401,
             )(scope, receive, send)
         else:
