@@ -1,6 +1,6 @@
 """fastllm's `ftllm server`.
 
-    ftllm server MODEL --host H --port P --model_name NAME --device ... [placement flags]
+    ftllm server MODEL --model_name NAME --device ... [placement flags] [extra_args] --host H --port P
 
 fastllm checks the `model` of every request against `--model_name` and answers 404 for any
 other name, so the served name is always the profile's name (the proxy rewrites a request that
@@ -108,8 +108,6 @@ class FastllmDriver:
         argv = [
             *request.command,
             str(request.model_path),
-            "--host", request.host,
-            "--port", str(request.port),
             # fastllm rejects requests for any other name with 404.
             "--model_name", request.profile.name,
             "--max_context_length", str(placement.ctx),
@@ -119,6 +117,9 @@ class FastllmDriver:
             *placement_args(request, kv_bytes),
             "--startup-progress", "ndjson",
             *launch.extra_args,
+            # Last, so that they win over anything before them: the engine listens where llmd says.
+            "--host", request.host,
+            "--port", str(request.port),
         ]
         env = {**request.env, **launch.env}
         # Empty for a CPU placement: the CUDA build in the same wheel then sees no card at all.

@@ -51,8 +51,6 @@ class LlamaCppDriver:
         argv = [
             *request.command,
             "--model", str(request.model_path),
-            "--host", request.host,
-            "--port", str(request.port),
             "--alias", request.profile.name,
             # llama-server shares -c among its slots; profiles state the context per request.
             "--ctx-size", str(placement.ctx * launch.parallel),
@@ -64,6 +62,9 @@ class LlamaCppDriver:
             *(["--embeddings"] if launch.embeddings else []),
             *kv_args(request),
             *launch.extra_args,
+            # Last, so that they win over anything before them: the engine listens where llmd says.
+            "--host", request.host,
+            "--port", str(request.port),
         ]
         env = {**request.env, **launch.env}
         # An empty CUDA_VISIBLE_DEVICES keeps a CUDA build off every card for a CPU placement.

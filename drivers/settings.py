@@ -16,6 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # Flags through which extra_args could move an engine off 127.0.0.1 or off the port llmd picked,
 # where it would be reachable without the proxy's API keys.
 RESERVED_FLAGS = ("--host", "--port")
+# Python engines parse argv with argparse, which takes any unambiguous prefix of a long flag
+# ("--hos=0.0.0.0" is --host): those prefixes down to "--ho" and "--po" are reserved too.
+_SHORTEST_RESERVED_PREFIX = 4
+
+
+def reserved_flag(arg: str) -> str | None:
+    """The reserved flag `arg` sets (as "--flag" or "--flag=value", or an abbreviation argparse
+    would expand to it), or None."""
+    flag = arg.split("=", 1)[0]
+    if len(flag) < _SHORTEST_RESERVED_PREFIX:
+        return None
+    return next((reserved for reserved in RESERVED_FLAGS if reserved.startswith(flag)), None)
 
 
 class LaunchSettings(BaseModel):
@@ -44,10 +56,11 @@ class LaunchSettings(BaseModel):
     @classmethod
     def _no_listen_flags(cls, value: list[str]) -> list[str]:
         for arg in value:
-            flag = arg.split("=", 1)[0]
-            if flag in RESERVED_FLAGS:
+            flag = reserved_flag(arg)
+            if flag is not None:
+                means = "" if arg == flag else f" ({arg!r} means {flag} to the engine)"
                 raise ValueError(
-                    f"{flag} is set by llmd (engines listen on 127.0.0.1, on a port llmd picks); remove it"
+                    f"{flag} is set by llmd (engines listen on 127.0.0.1, on a port llmd picks); remove it{means}"
                 )
         return value
 

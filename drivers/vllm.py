@@ -1,6 +1,6 @@
 """vLLM's OpenAI-compatible server.
 
-    <command> --model DIR --host H --port P --served-model-name NAME [ALIAS...] --max-model-len CTX ...
+    <command> --model DIR --served-model-name NAME [ALIAS...] --max-model-len CTX ... --host H --port P
 
 `<command>` is `vllm serve` by default. An engine installed by `llmctl engines install vllm`
 runs as `python -m vllm.entrypoints.openai.api_server` instead, because the `vllm` console
@@ -171,8 +171,6 @@ class VllmDriver:
         argv = [
             *request.command,
             "--model", str(request.model_path),
-            "--host", request.host,
-            "--port", str(request.port),
             # The proxy sends the profile's name; the aliases are served too so that the
             # engine's own /v1/models matches `llmctl ls`, and a direct request by alias works.
             "--served-model-name", profile.name, *profile.aliases,
@@ -186,6 +184,9 @@ class VllmDriver:
             *(["--runner", "pooling"] if launch.embeddings else []),
             *resources,
             *extra,
+            # Last, so that they win over anything before them: the engine listens where llmd says.
+            "--host", request.host,
+            "--port", str(request.port),
         ]
         return LaunchSpec(argv=argv, env=env, readiness=Readiness(path="/health"), sleep=sleep)
 

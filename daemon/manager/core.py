@@ -177,7 +177,11 @@ class Manager:
             del self.instances[inst.name]
 
     def run_job(self, action: Callable[..., Awaitable[object]], *args: object) -> Job:
-        """Run `action(*args)` in the manager's task group; its LlmdError lands in the Job."""
+        """Run `action(*args)` in the manager's task group; its error lands in the Job.
+
+        Any exception, not only an LlmdError: one raised into the task group would end the
+        daemon. An unexpected one is logged with its traceback and reported to the caller as
+        a fault of llmd's own."""
         assert self._tg is not None, "manager is not running"
         job = Job()
 
@@ -186,6 +190,13 @@ class Manager:
                 await action(*args)
             except LlmdError as exc:
                 job.error = exc
+            except Exception as exc:
+                what = getattr(action, "__name__", "a background job").lstrip("_")
+                model = next((arg for arg in args if isinstance(arg, str)), None)
+                what += f" {model!r}" if model is not None else ""
+                log.exception("%s failed", what)
+                job.error = LlmdError(f"{what} failed on an internal error of llmd ({type(exc).__name__}); "
+                                      "the daemon's log has the details")
             finally:
                 job.done.set()
 

@@ -78,7 +78,9 @@ class Loader:
             load.error = exc
         except Exception as exc:  # a driver bug must fail this load, not the daemon
             log.exception("loading %s failed", inst.name)
-            load.error = EngineStartError(f"loading {inst.name!r} failed: {exc!r}")
+            # The exception's text stays in the log: this message also reaches API clients.
+            load.error = EngineStartError(f"loading {inst.name!r} failed on an internal error of llmd "
+                                          f"({type(exc).__name__}); the daemon's log has the details")
         except BaseException:  # the daemon is shutting down: clean up, then let it go on
             with anyio.CancelScope(shield=True):
                 await self.abandon(inst, load, started, State.STOPPED, "llmd is shutting down")

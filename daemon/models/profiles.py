@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from llmd.daemon.util.durations import parse_duration
 from llmd.daemon.errors import ConfigError
@@ -26,6 +26,27 @@ _Strict = ConfigDict(extra="forbid")
 Launch = LaunchSettings
 
 
+MAX_REPO_PATH_CHARS = 1024
+
+
+def _repo_path_problem(value: str) -> str | None:
+    """Why `value` cannot be a file path or revision inside a repo, or None when it can."""
+    if not value:
+        return "is empty"
+    if len(value) > MAX_REPO_PATH_CHARS:
+        return f"is longer than {MAX_REPO_PATH_CHARS} characters"
+    # Control characters and line breaks (Unicode's too) could forge lines in logs and replies.
+    if any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 or (char.isspace() and char != " ") for char in value):
+        return "holds a control character"
+    if value.startswith("/"):
+        return "is an absolute path"
+    if "\\" in value:
+        return "holds a backslash"
+    if any(part in ("", ".", "..") for part in value.split("/")):
+        return "has an empty, '.' or '..' path component"
+    return None
+
+
 class ModelSource(BaseModel):
     """Where the weights come from: a local path, or a Hugging Face repo (file or snapshot)."""
 
@@ -35,6 +56,18 @@ class ModelSource(BaseModel):
     hf_repo: str | None = None
     hf_file: str | None = None
     revision: str | None = None
+
+    @field_validator("hf_file", "revision")
+    @classmethod
+    def _check_repo_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Both become parts of paths in the Hugging Face cache: they must stay inside it.
+        if value is not None:
+            problem = _repo_path_problem(value)
+            if problem is not None:
+                fix = ('write a path inside the repo, like "model-Q4_K_M.gguf" or "sub/dir/model.gguf"'
+                       if info.field_name == "hf_file" else 'write a branch, tag or commit hash, like "main"')
+                raise ValueError(f"{value!r} {problem}; {fix}")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSource":
