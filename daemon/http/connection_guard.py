@@ -10,9 +10,10 @@ head is complete), and holds a connection that sends a partial head, or nothing,
   counted as they arrive: the part already parsed (the URL and every complete header) and each
   read after the one the head began in; either is a lower bound of its size, so a legitimate
   request is never refused, and a growing head is refused within a read of the limit.
-- A head that is not complete `head_timeout` seconds after the connection opened (or after its
-  first byte, for the next request on a kept-alive connection) gets a 408 and the connection is
-  closed; a connection that sent nothing is closed without a word, as an idle kept-alive one is.
+- A head that is not complete `head_timeout` seconds after the connection opened (or after the
+  first read of it, for the next request on a kept-alive connection) gets a 408 and the
+  connection is closed; a connection that sent nothing is closed without a word, as an idle
+  kept-alive one is. A head that comes in one read, as nearly every one does, costs no timer.
 - Past `max_connections` open connections on the listener, a new one gets a 503 at once and is
   closed, before it costs anything more than its accept.
 
@@ -110,6 +111,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._head_spans += size
         super().data_received(data)
         if self._head_pending and not self.transport.is_closing():  # a head is still incomplete
+            self._arm_head_timer()  # (a kept-alive connection's: idle until now, as uvicorn saw it)
             self._head_after += size
             limit = self.limits.max_head_bytes
             if self._head_spans > limit and self._head_lower_bound() > limit:
@@ -123,11 +125,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_spans = self._read_size
         self._head_after = -self._read_size  # the rest of this read is counted after it
         self._sized_headers = self._sized_bytes = 0
-        self._arm_head_timer()
 
     def on_headers_complete(self) -> None:
         self._head_pending = False
-        self._disarm_head_timer()
+        if self._head_timer is not None:
+            self._disarm_head_timer()
         limit = self.limits.max_head_bytes
         if self._head_spans > limit and self._head_lower_bound() > limit:
             # The whole head came at once: answer through the app, which uvicorn then closes after.
@@ -171,6 +173,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm_head_timer()  # a pipelined head waits for the reply before it: not its fault
             return
         if not self._head_pending:
             self.transport.close()  # it never sent a byte: nobody to tell

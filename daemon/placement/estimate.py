@@ -24,8 +24,10 @@ The `Estimate` type itself, and the per-card overhead it defaults to, belong to 
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import re
 import struct
 from collections.abc import Callable, Sequence
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.placement.gguf_header import ArrayLength as _Length
-from llmd.daemon.placement.gguf_header import HeaderOnlyGguf
+from llmd.daemon.placement.gguf_header import GgufClaimError, HeaderOnlyGguf, parse_header
 from llmd.drivers.estimate import GPU_OVERHEAD_MIB, MIB, Estimate, Estimator
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ __all__ = [
     "GgufHeader",
     "ModelShape",
     "cache_bytes_per_element",
+    "check_gguf_file",
     "compute_bytes",
     "estimate_gguf",
     "estimate_hf_dir",
@@ -64,6 +67,10 @@ DEFAULT_UBATCH = 512
 DEFAULT_BATCH = 2048
 # vLLM's default tokens per scheduler step with chunked prefill; its activation peak scales with it.
 VLLM_BATCHED_TOKENS = 2048
+
+# Far more layers than any model has (the largest have a few hundred); a file claiming more is
+# refused before lists are sized by the number.
+MAX_LAYERS = 100_000
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 _HF_LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -226,17 +233,40 @@ def _read_gguf(path: Path) -> tuple[dict[str, Any], _GgufTensors]:
     sizes: list[tuple[str, int]] = []
     for part in parts:
         try:
+            _check_gguf_header(part)
             reader = gguf.GGUFReader(part, "r")
         except FileNotFoundError:
             raise EstimateError(f"{part}: model file not found") from None
         except PermissionError:
             raise EstimateError(f"{part}: permission denied; make it readable by the llmd user") from None
-        except (ValueError, OSError, struct.error, IndexError) as exc:
+        except (ValueError, OSError, struct.error, IndexError, KeyError) as exc:
             raise EstimateError(f"{part}: not a readable GGUF file ({exc})") from None
         if not metadata:
             metadata = _gguf_metadata(reader)
         sizes.extend((t.name, int(t.n_bytes)) for t in reader.tensors)
-    return metadata, _split_tensors(metadata, sizes)
+    return metadata, _split_tensors(metadata, sizes, path)
+
+
+def check_gguf_file(path: Path) -> None:
+    """EstimateError naming the file and the field when a GGUF model's header (any part's of a
+    split one) claims more than its file holds; the engine is never started on such a file.
+    Any other fault (not a GGUF, a truncated or missing file) is left to the engine to report."""
+    for part in _gguf_parts(path):
+        try:
+            _check_gguf_header(part)
+        except GgufClaimError as exc:
+            raise EstimateError(f"{part}: not a readable GGUF file ({exc})") from None
+        except (ValueError, OSError, struct.error):
+            return
+
+
+def _check_gguf_header(path: Path) -> None:
+    """GgufClaimError (naming the field) when the header at `path` claims more than the file
+    holds, GgufHeaderError when it is no GGUF header. `gguf.GGUFReader` trusts every count in
+    it: an array length of 2**60 would have it loop and allocate until memory runs out. Reads
+    the header only, not the weights."""
+    with path.open("rb") as raw:
+        parse_header(io.BufferedReader(raw, 1 << 20), os.fstat(raw.fileno()).st_size)
 
 
 def _headers_gguf(model: HeaderOnlyGguf) -> tuple[dict[str, Any], _GgufTensors]:
@@ -244,13 +274,13 @@ def _headers_gguf(model: HeaderOnlyGguf) -> tuple[dict[str, Any], _GgufTensors]:
     first part's: a split model's other parts hold only their tensors)."""
     metadata = model.parts[0].metadata if model.parts else {}
     sizes = [tensor for part in model.parts for tensor in part.tensors]
-    return metadata, _split_tensors(metadata, sizes)
+    return metadata, _split_tensors(metadata, sizes, model.source)
 
 
-def _split_tensors(metadata: dict[str, Any], sizes: Sequence[tuple[str, int]]) -> _GgufTensors:
+def _split_tensors(metadata: dict[str, Any], sizes: Sequence[tuple[str, int]], where: Path | str) -> _GgufTensors:
     """Tensor bytes per layer (and per layer's MoE experts), and outside the layers."""
     arch = metadata.get("general.architecture", "")
-    n_layers = int(metadata.get(f"{arch}.block_count", 0))
+    n_layers = _layer_count(metadata, f"{arch}.block_count", where)
     layers = [0] * n_layers
     experts = [0] * n_layers
     non_layer = 0
@@ -265,6 +295,15 @@ def _split_tensors(metadata: dict[str, Any], sizes: Sequence[tuple[str, int]]) -
             # Embeddings, output head, final norm, and extra prediction layers past block_count.
             non_layer += size
     return _GgufTensors(tuple(layers), tuple(experts), non_layer, sum(s for _, s in sizes))
+
+
+def _layer_count(metadata: dict[str, Any], key: str, where: Path | str) -> int:
+    """The model's layer count, checked before lists are sized and loops run by it."""
+    value = metadata.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LAYERS:
+        raise EstimateError(f"{where}: not a usable GGUF model ({key} = {value!r}; a model has 0 to "
+                            f"{MAX_LAYERS} layers)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -285,8 +324,9 @@ def read_gguf_header(path: Path) -> GgufHeader:
     parameters = 0
     for part in _gguf_parts(Path(path)):
         try:
+            _check_gguf_header(part)
             reader = gguf.GGUFReader(part, "r")
-        except (ValueError, OSError, struct.error, IndexError) as exc:
+        except (ValueError, OSError, struct.error, IndexError, KeyError) as exc:
             raise EstimateError(f"{part}: not a readable GGUF file ({exc})") from None
         if not metadata:
             metadata = {key: None if isinstance(value, _Length) else value for key, value in _gguf_metadata(reader).items()}
@@ -428,7 +468,10 @@ def estimate_gguf(
     else:
         where = Path(path)
         meta, tensors = _read_gguf(where)
-    shape = _shape_from_gguf(meta, where)
+    try:
+        shape = _shape_from_gguf(meta, where)
+    except (TypeError, ValueError, OverflowError) as exc:  # a number that is a string, a list, infinite...
+        raise EstimateError(f"{where}: not a usable GGUF model (its metadata has a value of the wrong type: {exc})") from None
     cells = kv_cells(ctx, parallel, kv_unified)
     per_stream = cells if (kv_unified or parallel <= 1) else cells // parallel
     k_bytes = cache_bytes_per_element(cache_type_k)
@@ -501,7 +544,10 @@ def _cfg_int(config: dict[str, Any], path: Path, *names: str, default: int | Non
     for name in names:
         value = config.get(name)
         if value is not None:
-            return int(value)
+            try:
+                return int(value)
+            except (TypeError, ValueError, OverflowError):
+                raise EstimateError(f"{path / 'config.json'}: {name} is {value!r}, not an integer") from None
     if default is not None:
         return default
     raise EstimateError(f"{path / 'config.json'}: missing {names[0]}")
@@ -509,6 +555,8 @@ def _cfg_int(config: dict[str, Any], path: Path, *names: str, default: int | Non
 
 def _shape_from_config(config: dict[str, Any], path: Path) -> ModelShape:
     n_layers = _cfg_int(config, path, "num_hidden_layers", "n_layer", "num_layers")
+    if not 0 <= n_layers <= MAX_LAYERS:
+        raise EstimateError(f"{path / 'config.json'}: num_hidden_layers = {n_layers}; a model has 0 to {MAX_LAYERS} layers")
     n_embd = _cfg_int(config, path, "hidden_size", "n_embd", "d_model")
     n_head = _cfg_int(config, path, "num_attention_heads", "n_head")
     n_head_kv = _cfg_int(config, path, "num_key_value_heads", default=n_head)

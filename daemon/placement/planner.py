@@ -19,7 +19,7 @@ from typing import Any
 from llmd.daemon.util.atomic_write import write_json_atomic
 from llmd.daemon.util.state_file import expect, expect_number, read_state
 from llmd.daemon.errors import LlmdError
-from llmd.daemon.placement.estimate import Estimate, estimate_profile
+from llmd.daemon.placement.estimate import Estimate, check_gguf_file, estimate_profile
 from llmd.daemon.placement.gguf_header import HeaderOnlyGguf
 from llmd.daemon.placement.inventory import GpuInfo, Inventory, SimulatedInventory, measure_pids_vram, open_inventory
 from llmd.daemon.models.profiles import Profile
@@ -103,6 +103,8 @@ class Planner:
         self.margin_mib = margin_mib
         self.measurements = MeasurementStore(state_dir / "measured-vram.json")
         self._estimates: dict[str, tuple[str, Estimate]] = {}
+        # The fingerprint of each profile's GGUF whose header was last found sound (no GPUs: no estimate).
+        self._checked: dict[str, str] = {}
         log.info("GPUs: %s", self.inventory.note)
 
     @property
@@ -131,6 +133,16 @@ class Planner:
         estimate = estimate_profile(profile, model_path)
         self._estimates[profile.name] = (fingerprint, estimate)
         return estimate
+
+    def _check_gguf(self, profile: Profile, model_path: Path | HeaderOnlyGguf) -> None:
+        """EstimateError when the local GGUF's header claims more than the file holds (a
+        header read from the Hub was checked as it was read); once per file and settings."""
+        if isinstance(model_path, HeaderOnlyGguf) or model_path.suffix.lower() != ".gguf" or not model_path.is_file():
+            return
+        fingerprint = _fingerprint(profile, model_path)
+        if self._checked.get(profile.name) != fingerprint:
+            check_gguf_file(model_path)
+            self._checked[profile.name] = fingerprint
 
     def need(self, profile: Profile, model_path: Path | HeaderOnlyGguf) -> tuple[ModelNeed, Estimate | None, str]:
         """What the scheduler should reserve, and where the number came from. `model_path` may
@@ -161,6 +173,8 @@ class Planner:
         gpus = self.snapshot()
         details: dict[str, Any] = {"inventory": self.inventory.note}
         if not gpus:
+            # No estimate to make, but a GGUF is still checked before an engine gets it.
+            self._check_gguf(profile, model_path)
             result = plan(ModelNeed.fixed(profile.name, 1, ctx=profile.launch.ctx), gpus, running, self.margin_mib)
             return result, details
         try:
