@@ -47,7 +47,7 @@ class ConnectionLimits:
     head_timeout: float = 15.0
     max_connections: int = 1024
     max_head_bytes: int = MAX_HEAD_BYTES
-    _warned: dict[int, tuple[float, int]] = field(default_factory=dict, repr=False)
+    _warned: dict[int, tuple[float, int]] = field(default_factory=dict, init=False, repr=False)
 
     def note_refusal(self, status: int, message: str) -> None:
         """Log a refused connection, at most once per `_WARN_EVERY_SECONDS` for each status."""
