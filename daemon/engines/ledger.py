@@ -13,6 +13,7 @@ from typing import Any
 import psutil
 
 from llmd.daemon.util.atomic_write import write_json_atomic
+from llmd.daemon.util.redact import mask_argv
 from llmd.daemon.util.state_file import expect, expect_number, read_state
 from llmd.daemon.engines.supervisor import OWNER_ENV, EngineProcess
 
@@ -34,7 +35,7 @@ class PidLedger:
         self._entries[engine.name] = {
             "pid": engine.pid,
             "create_time": created,
-            "argv": engine.argv,
+            "argv": mask_argv(engine.argv),  # for a person reading the file: the secrets stay out
             "port": engine.port,
             "started_at": engine.started_at,
         }

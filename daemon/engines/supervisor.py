@@ -26,6 +26,8 @@ from llmd.drivers.base import LaunchSpec
 from llmd.daemon.util import loopback
 from llmd.daemon.util.log_tail import read_tail
 from llmd.daemon.errors import EngineStartError
+from llmd.daemon.engines.engine_env import engine_environment
+from llmd.daemon.util.redact import mask_argv
 from llmd.daemon.util.rotating_log import LogLimits, RotatingLog, copy_into
 
 log = logging.getLogger(__name__)
@@ -281,8 +283,9 @@ def spawn_engine(
     `rotating_log`); without, straight into the file.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **spec.env, OWNER_ENV: owner, MODEL_ENV: name}
-    header = f"\n===== llmd: starting {name} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {spec.argv}\n".encode()
+    # Not the daemon's whole environment: its secrets (HF_TOKEN, say) are for downloads only.
+    env = engine_environment({**spec.env, OWNER_ENV: owner, MODEL_ENV: name})
+    header = f"\n===== llmd: starting {name} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {mask_argv(spec.argv)}\n".encode()
     if log_limits is None:
         with log_path.open("ab") as log_file:
             log_file.write(header)

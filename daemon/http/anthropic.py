@@ -46,6 +46,7 @@ from llmd.daemon.http.engine_routes import (
     route_not_served,
     serves_natively,
 )
+from llmd.daemon.http.error_status import failure_message
 from llmd.daemon.http.metrics import engine_figures
 from llmd.daemon.http.openai_errors import CLIENT_GONE
 from llmd.daemon.http.proxy import ClientApi, Proxy, _ClientGone, _unless_disconnected
@@ -71,11 +72,9 @@ class AnthropicEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             response = await self.answer(scope, receive)
-        except Exception as exc:
+        except Exception:
             log.exception("llmd failed on %s %s", scope["method"], scope["path"])
-            response = anthropic_error(
-                500, f"llmd failed on {scope['method']} {scope['path']}: {exc!r}; the daemon's log has the details"
-            )
+            response = anthropic_error(500, failure_message(scope["method"], scope["path"]))
         await response(scope, receive, send)
 
     async def answer(self, scope: Scope, receive: Receive) -> Response:

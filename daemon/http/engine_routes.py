@@ -20,7 +20,7 @@ from llmd.daemon.errors import LlmdError, UnknownModelError
 from llmd.daemon.http.error_status import status_of
 from llmd.daemon.http.metrics import ASKED_MODEL_KEY, name_model
 from llmd.daemon.http.openai_errors import CLIENT_GONE
-from llmd.daemon.http.proxy import BadRequest, Proxy, RelayResponse, _forward_headers, _Relayed, parse_request
+from llmd.daemon.http.proxy import BadRequest, Proxy, RelayResponse, _forward_headers, _Relayed, parse_request, relayed_headers
 from llmd.daemon.http.upstream import Headers, UpstreamError, find_header
 from llmd.daemon.http.upstream import Response as UpstreamResponse
 from llmd.drivers.base import native_routes
@@ -133,12 +133,12 @@ class EngineReply:
 
     def relayed(self, content: bytes) -> Response:
         """`content`, the whole body, as the engine sent it."""
-        return _Relayed(content, self.status, _forward_headers(self.upstream.headers))
+        return _Relayed(content, self.status, relayed_headers(self.upstream.headers))
 
     def relay_stream(self) -> Response:
         """The engine's stream, passed on piece by piece as it arrives."""
         return RelayResponse(
-            self.upstream, self.model, _forward_headers(self.upstream.headers), on_close=self.done, on_broken=self.broken
+            self.upstream, self.model, relayed_headers(self.upstream.headers), on_close=self.done, on_broken=self.broken
         )
 
 

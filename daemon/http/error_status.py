@@ -36,3 +36,9 @@ def status_of(error: LlmdError) -> ErrorStatus:
     if isinstance(error, UnknownModelError):
         return ErrorStatus(404, "model_not_found")
     return ErrorStatus(503, "engine_unavailable")  # the engine could not be started
+
+
+def failure_message(method: str, path: str) -> str:
+    """What a client is told of a fault of llmd's own (a 500): where, never the exception's text,
+    which may hold paths, settings or parts of other requests; the traceback goes to the log."""
+    return f"llmd failed on {method} {path}; the daemon's log has the details"

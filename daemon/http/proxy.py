@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
 from llmd.daemon.http.client_link import BODY_TAP_KEY, client_link
+from llmd.daemon.http.error_status import failure_message
 from llmd.daemon.errors import LlmdError, UnknownModelError
 from llmd.daemon.manager.core import Manager
 from llmd.daemon.http.metrics import ASKED_MODEL_KEY, name_model
@@ -53,9 +54,20 @@ _HOP_HEADERS = frozenset(
 _CLOSE = {"Connection": "close"}
 
 
+# Of an engine's reply, also left out: its `Server` header, which would tell clients which
+# engine and version serve behind llmd.
+_ENGINE_ONLY_HEADERS = _HOP_HEADERS | {b"server"}
+
+
 def _forward_headers(headers: Headers) -> Headers:
     """The end-to-end headers of `headers`, as they came (names in any case)."""
     return [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS]
+
+
+def relayed_headers(headers: Headers) -> Headers:
+    """The headers of an engine's reply that reach the client: the end-to-end ones, less the
+    engine's own `Server`."""
+    return [(k, v) for k, v in headers if k.lower() not in _ENGINE_ONLY_HEADERS]
 
 
 class BadRequest(Exception):
@@ -369,9 +381,9 @@ class Proxy:
         Starlette's router and middleware (`_ModelRoutesFirst`), so it answers its own failures."""
         try:
             response = await self.forward(scope, receive)
-        except Exception as exc:
+        except Exception:
             log.exception("llmd failed on %s %s", scope["method"], scope["path"])
-            response = _failure_reply(scope["method"], scope["path"], exc)
+            response = _failure_reply(scope["method"], scope["path"])
         await response(scope, receive, send)
 
     async def forward(self, scope: Scope, receive: Receive) -> Response:
@@ -419,7 +431,7 @@ class Proxy:
                 return error_response(502, f"engine for {name!r} did not answer: {exc}", code="engine_error")
             raise
 
-        headers = _forward_headers(upstream.headers)
+        headers = relayed_headers(upstream.headers)
         if (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
             return RelayResponse(
                 upstream,
@@ -472,10 +484,10 @@ def _model_object(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "llmd"}
 
 
-def _failure_reply(method: str, path: str, exc: Exception) -> Response:
+def _failure_reply(method: str, path: str) -> Response:
     """The reply to a request llmd itself failed on: OpenAI's shape for the client, and the
-    traceback (logged by whoever caught `exc`) for the daemon's log."""
-    return error_response(500, f"llmd failed on {method} {path}: {exc!r}; the daemon's log has the details")
+    traceback (logged by whoever caught the exception) for the daemon's log."""
+    return error_response(500, failure_message(method, path))
 
 
 @dataclass(frozen=True)
@@ -536,8 +548,7 @@ async def _http_error(request: Request, exc: Exception, apis: Sequence[ClientApi
 async def _internal_error(request: Request, exc: Exception, apis: Sequence[ClientApi] = ()) -> Response:
     # Starlette's error middleware raises `exc` again once this is sent: uvicorn logs it.
     reply = _error_reply(request.url.path, apis)
-    message = f"llmd failed on {request.method} {request.url.path}: {exc!r}; the daemon's log has the details"
-    return reply(500, message, None)
+    return reply(500, failure_message(request.method, request.url.path), None)
 
 
 def build_proxy_app(

@@ -20,6 +20,7 @@ from llmd.daemon.http.engine_routes import (
     route_not_served,
     serves_natively,
 )
+from llmd.daemon.http.error_status import failure_message
 from llmd.daemon.http.openai_errors import CLIENT_GONE, error_response
 from llmd.daemon.http.proxy import ClientApi, Proxy, _ClientGone, _unless_disconnected
 from llmd.drivers.base import OPENAI_RESPONSES
@@ -36,11 +37,9 @@ class ResponsesEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             response = await self.answer(scope, receive)
-        except Exception as exc:
+        except Exception:
             log.exception("llmd failed on %s %s", scope["method"], scope["path"])
-            response = error_response(
-                500, f"llmd failed on {scope['method']} {scope['path']}: {exc!r}; the daemon's log has the details"
-            )
+            response = error_response(500, failure_message(scope["method"], scope["path"]))
         await response(scope, receive, send)
 
     async def answer(self, scope: Scope, receive: Receive) -> Response:

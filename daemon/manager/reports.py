@@ -14,6 +14,7 @@ from llmd.daemon.manager.admission import limits_for
 from llmd.daemon.manager.state import Instance, State, engine_log_path
 from llmd.daemon.models.remote_gguf import headers_before_download
 from llmd.daemon.placement.scheduler import NoFit
+from llmd.daemon.util.redact import mask_argv
 
 if TYPE_CHECKING:
     from llmd.daemon.manager.core import Manager
@@ -43,7 +44,7 @@ def status(manager: Manager) -> list[dict[str, Any]]:
                 "slots_busy": inst.gate.active,
                 "slots": limits_for(inst.profile)[0],
                 "queued": inst.gate.queued,
-                "argv": engine.argv if engine else None,
+                "argv": mask_argv(engine.argv) if engine else None,
                 "gpus": [share.index for share in placement.gpus] if placement else [],
                 "vram_mib": sum(inst.claimed().values()) if placement else 0,
                 # Parked engines keep their weights in host RAM instead.
