@@ -172,12 +172,21 @@ def _warn_if_open(server: ServerConfig) -> None:
     )
 
 
+def _warn_if_root() -> None:
+    from llmd.daemon.service.root_warning import root_warning
+
+    warning = root_warning("llmd serve", "the engines it starts parse model files and run their packages' code")
+    if warning is not None:
+        log.warning("%s", warning)
+
+
 async def serve(config: DaemonConfig, config_path: Path | None = None) -> None:
     """Run until SIGTERM/SIGINT or POST /v1/shutdown; SIGHUP re-reads `config_path` and the profiles."""
     server = config.server
     # Read before anything else runs: the environment systemd started the daemon with.
     systemd_variable = started_by_systemd()
     _warn_if_open(server)
+    _warn_if_root()
     _raise_open_files(server)
     drivers = load_drivers()
     profiles = read_profiles(config, drivers)

@@ -99,10 +99,14 @@ def install(ctx: click.Context, engine: str, cuda: bool) -> None:
     """Install ENGINE into llmd's engines directory (cached by version); prints its command."""
     from llmd.daemon.engines.provision import install_llama_cpp
     from llmd.daemon.engines.provision_venv import install_venv_engine
+    from llmd.daemon.service.root_warning import root_warning
 
     def progress(message: str) -> None:
         click.echo(message, err=True)
 
+    warning = root_warning("llmctl engines install", "pip and the build it runs execute the downloaded packages' code")
+    if warning is not None:
+        progress(f"llmctl: warning: {warning}")
     try:
         engines_dir = cli_config(ctx).server.engines_dir
         if engine == "llama-cpp":

