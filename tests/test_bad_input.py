@@ -184,7 +184,7 @@ def test_client_that_gives_up_waiting_for_a_reply_releases_the_model(daemon) -> 
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(daemon.url + "/v1/chat/completions", json=CHAT, timeout=httpx.Timeout(30, read=1.0))
         # Released as soon as the client left, not when the engine gets round to answering.
-        wait_until(lambda: daemon.ps()[0]["in_flight"] == 0, timeout=3, what="the abandoned request to be released")
+        wait_until(lambda: daemon.ps()[0]["in_flight"] == 0, timeout=30, what="the abandoned request to be released")
     finally:
         engine.resume()
     assert_still_serves(daemon)
@@ -197,7 +197,7 @@ def test_client_that_disconnects_mid_stream(daemon) -> None:  # type: ignore[no-
         for i, _ in enumerate(response.iter_lines()):
             if i > 3:
                 break
-    wait_until(lambda: daemon.ps()[0]["in_flight"] == 0, timeout=5, what="the abandoned stream to be released")
+    wait_until(lambda: daemon.ps()[0]["in_flight"] == 0, timeout=30, what="the abandoned stream to be released")
     assert_still_serves(daemon)
 
 

@@ -77,7 +77,7 @@ def test_sigkilled_daemon_leaves_no_engine_and_the_next_start_works(make_daemon,
     pid = _engine_pid(daemon)
     daemon.stop(signal.SIGKILL)
     # PR_SET_PDEATHSIG takes the engine down with the daemon.
-    wait_until(lambda: not engine_processes(daemon.state_dir), timeout=5, what="engine to die with the daemon")
+    wait_until(lambda: not engine_processes(daemon.state_dir), timeout=30, what="engine to die with the daemon")
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     daemon.start()  # same port and socket: both reusable
     assert _chat(daemon).status_code == 200

@@ -52,7 +52,7 @@ def test_an_engine_dies_with_its_parent(tmp_path: Path) -> None:
         assert not _gone(engine_pid)
         os.kill(spawner.pid, signal.SIGKILL)
         spawner.wait(timeout=10)
-        wait_until(lambda: _gone(engine_pid), timeout=5, what="the engine to die with its parent")
+        wait_until(lambda: _gone(engine_pid), timeout=30, what="the engine to die with its parent")
     finally:
         if spawner.poll() is None:
             spawner.kill()
