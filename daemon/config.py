@@ -208,6 +208,40 @@ class EngineConfig(BaseModel):
         return value
 
 
+_RPC_HOST = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class RpcDeviceConfig(BaseModel):
+    """One device on another machine, served there by llama.cpp's RPC server (`llmd rpc-server`).
+
+    Only engines that can use such devices (llama.cpp) are placed on it. RPC has no
+    authentication: the endpoint must be on loopback or a private network.
+    """
+
+    model_config = _Strict
+
+    # Where the RPC server listens: "HOST:PORT" (a name or an IPv4 address; llama.cpp's RPC
+    # client takes no IPv6 address).
+    endpoint: str
+    # What `llmctl gpus` calls it; the endpoint when unset.
+    name: str | None = None
+    # At most this much of the device is used. A server on the CPU backend reports all of its
+    # host's RAM; without a cap llmd would plan to fill it.
+    total_mib: Annotated[int, Field(gt=0, le=1 << 30)] | None = None
+    # Kept free on this device; `[gpus] margin_mib` when unset.
+    margin_mib: Annotated[int, Field(ge=0, le=1_048_576)] | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not _RPC_HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f'{value!r} is not "HOST:PORT" with a host name or IPv4 address, like "192.168.1.20:50052"'
+            )
+        return value
+
+
 class GpusConfig(BaseModel):
     model_config = _Strict
 
@@ -217,6 +251,21 @@ class GpusConfig(BaseModel):
     margin_mib: Annotated[int, Field(ge=0, le=1_048_576)] = 512
     # How long to wait after stopping an engine for NVML to show its memory released.
     release_timeout: PositiveSeconds = 30.0
+    # Devices on other machines, reached over llama.cpp's RPC (`[[gpus.rpc]]`); they join the
+    # inventory after the local cards, in this order.
+    rpc: list[RpcDeviceConfig] = Field(default_factory=list)
+    # How often each RPC device is checked: whether it answers, and its free memory.
+    rpc_check_interval: Annotated[float, Field(gt=0, le=3600)] = 2.0
+
+    @field_validator("rpc")
+    @classmethod
+    def _distinct_endpoints(cls, value: list[RpcDeviceConfig]) -> list[RpcDeviceConfig]:
+        seen: set[str] = set()
+        for device in value:
+            if device.endpoint in seen:
+                raise ValueError(f"{device.endpoint} is listed twice; each RPC device needs its own endpoint")
+            seen.add(device.endpoint)
+        return value
 
 
 class DashboardConfig(BaseModel):

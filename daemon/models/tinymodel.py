@@ -113,15 +113,22 @@ def write_tiny_gguf(
     n_head_kv: int = 4,
     ctx: int = 2048,
     seed: int = 0,
+    n_expert: int = 0,
+    n_expert_used: int = 2,
 ) -> Path:
     """Write a random-weight llama-architecture GGUF model to `path` and return `path`.
 
-    `n_head_kv < n_head` gives grouped-query attention. The same arguments and seed always give
-    the same file. The file appears atomically (written beside `path`, then renamed), so a
-    concurrent reader, or a crash mid-write, never sees a truncated model.
+    `n_head_kv < n_head` gives grouped-query attention. With `n_expert`, each layer's
+    feed-forward is a mixture of that many experts (`n_ff` wide each), `n_expert_used` of them
+    per token: a MoE model, whose experts llama.cpp can keep on the CPU (`--n-cpu-moe`). The
+    same arguments and seed always give the same file. The file appears atomically (written
+    beside `path`, then renamed), so a concurrent reader, or a crash mid-write, never sees a
+    truncated model.
     """
     path = Path(path)
     head_dim = _check_shape(n_layers, n_embd, n_ff, n_head, n_head_kv, ctx)
+    if n_expert and not 0 < n_expert_used <= n_expert:
+        raise ValueError(f"n_expert_used must be between 1 and n_expert ({n_expert}), got {n_expert_used}")
     tokens, types, merges, bos_id, eos_id = tiny_vocab()
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
@@ -149,6 +156,10 @@ def write_tiny_gguf(
         writer.add_head_count(n_head)
         writer.add_head_count_kv(n_head_kv)
         writer.add_layer_norm_rms_eps(1e-5)
+        if n_expert:
+            writer.add_expert_count(n_expert)
+            writer.add_expert_used_count(n_expert_used)
+            writer.add_expert_feed_forward_length(n_ff)
         writer.add_rope_dimension_count(head_dim)
         writer.add_rope_freq_base(10000.0)
 
@@ -173,9 +184,16 @@ def write_tiny_gguf(
             writer.add_tensor(f"{blk}.attn_v.weight", weight(n_embd_kv, n_embd))
             writer.add_tensor(f"{blk}.attn_output.weight", weight(n_embd, n_embd))
             writer.add_tensor(f"{blk}.ffn_norm.weight", norm())
-            writer.add_tensor(f"{blk}.ffn_gate.weight", weight(n_ff, n_embd))
-            writer.add_tensor(f"{blk}.ffn_up.weight", weight(n_ff, n_embd))
-            writer.add_tensor(f"{blk}.ffn_down.weight", weight(n_embd, n_ff))
+            if n_expert:
+                # The router, then each expert's gate, up and down, stacked (llama.cpp's *_exps).
+                writer.add_tensor(f"{blk}.ffn_gate_inp.weight", weight(n_expert, n_embd))
+                writer.add_tensor(f"{blk}.ffn_gate_exps.weight", weight(n_expert, n_ff, n_embd))
+                writer.add_tensor(f"{blk}.ffn_up_exps.weight", weight(n_expert, n_ff, n_embd))
+                writer.add_tensor(f"{blk}.ffn_down_exps.weight", weight(n_expert, n_embd, n_ff))
+            else:
+                writer.add_tensor(f"{blk}.ffn_gate.weight", weight(n_ff, n_embd))
+                writer.add_tensor(f"{blk}.ffn_up.weight", weight(n_ff, n_embd))
+                writer.add_tensor(f"{blk}.ffn_down.weight", weight(n_embd, n_ff))
         writer.add_tensor("output_norm.weight", norm())
         writer.add_tensor("output.weight", weight(n_vocab, n_embd))
 

@@ -64,6 +64,21 @@ class GpuInfo:
     processes: tuple[GpuProcess, ...] = ()
     # Empty (all None) unless the snapshot was asked for telemetry.
     telemetry: GpuTelemetry = NO_TELEMETRY
+    # "local" for a card in this machine (NVML or simulated); "rpc" for a device on another
+    # machine, reached over llama.cpp's RPC at `endpoint` (see rpc_devices).
+    kind: str = "local"
+    endpoint: str = ""
+    # False while an RPC device does not answer: nothing is placed on it then.
+    reachable: bool = True
+    # The safety margin kept free on this device; None: `[gpus] margin_mib`.
+    margin_mib: int | None = None
+    # What the last look at an RPC device found ("answered", "busy", why it is unreachable).
+    status: str = ""
+
+    @property
+    def remote(self) -> bool:
+        """A device on another machine: only engines that can use RPC devices go there."""
+        return self.kind == "rpc"
 
 
 class Inventory(Protocol):
