@@ -383,3 +383,37 @@ def uninstall_command(purge: bool, remove_user: bool, root: Path | None) -> None
     except LlmdError as exc:
         click.echo(f"llmd uninstall: {exc}", err=True)
         sys.exit(1)
+
+
+@main.command("rpc-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="the address to listen on")
+@click.option("--port", default=50052, show_default=True, type=click.IntRange(1, 65535), help="the port to listen on")
+@click.option("--device", metavar="NAME", help="the device to serve, as llama.cpp names it (CUDA0, CUDA1, CPU); "
+              "default: the first GPU, else the CPU")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads, for the CPU device")
+@click.option("--cache", is_flag=True, help="keep the tensors it receives in a local file cache, so a model loads "
+              "faster the next time")
+@click.option("--allow-remote", is_flag=True, help="listen on an address other than loopback. RPC has no "
+              "authentication: a private network only")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="llmd.toml, for its engines_dir")
+def rpc_server_command(host: str, port: int, device: str | None, threads: int | None, cache: bool,
+                       allow_remote: bool, config_path: Path | None) -> None:
+    """Serve one device of this machine to another machine's llmd, over llama.cpp's RPC.
+
+    The other machine lists HOST:PORT under [[gpus.rpc]] in its llmd.toml. Runs until stopped."""
+    import os
+
+    from llmd.daemon.engines.rpc_server import check_host, find_rpc_server, first_device, rpc_server_argv
+
+    try:
+        check_host(host, allow_remote)
+        config = load_config(config_path_from_env(config_path))
+        binary = find_rpc_server(config.server.engines_dir)
+        device = device or first_device(binary.parent / "llama-server")
+    except LlmdError as exc:
+        click.echo(f"llmd rpc-server: {exc}", err=True)
+        sys.exit(2)
+    argv = rpc_server_argv(binary, host, port, device, threads, cache)
+    click.echo(f"llmd rpc-server: serving {device} on {host}:{port}", err=True)
+    os.execv(argv[0], argv)  # the server itself, so that signals and systemd reach it directly
