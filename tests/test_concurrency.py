@@ -355,6 +355,15 @@ def _one_card_daemon(make_daemon, tmp_path: Path, profiles: dict[str, str], queu
     return daemon
 
 
+def _arrived(daemon) -> int:  # type: ignore[no-untyped-def]
+    """Requests the daemon has received so far: waiting or being served (a slot, or a queue
+    place), or answered."""
+    waiting = sum(row["slots_busy"] + row["queued"] for row in daemon.ps())
+    text = httpx.get(daemon.url + "/metrics", timeout=30).text
+    answered = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("llmd_requests_total{"))
+    return waiting + int(answered)
+
+
 def _loads(daemon) -> dict[str, int]:  # type: ignore[no-untyped-def]
     found: dict[str, int] = {}
     for name in re.findall(r"starting (\w+): pid", daemon.log()):
@@ -376,7 +385,8 @@ def test_interleaved_requests_for_two_models_that_cannot_both_fit_are_grouped(
         stream = Stream(daemon, name, 200)
         stream.start()
         streams.append(stream)
-        time.sleep(0.05)  # sent in this order
+        # Sent in this order: each has reached the daemon before the next one goes out.
+        wait_until(lambda: _arrived(daemon) >= len(streams), timeout=60, what=f"request {len(streams)} to arrive")
     for stream in streams:
         stream.join(240)
     assert all(s.error is None for s in streams), [s.error for s in streams]

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -221,11 +220,19 @@ def test_logs_n_means_what_it_says(daemon: RunningDaemon) -> None:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out = _Reader(follow.stdout)
-        time.sleep(0.5)  # the follower has started from the end; what came before must not show
+
+        def a_mark_shows() -> bool:
+            with log.open("a") as fh:
+                fh.write("mark\n")
+            return "mark" in out.lines
+
+        # The follower starts from the end: what came before must not show. Marks are written
+        # until one shows, so the line below is written once it follows, however slow its start.
+        wait_until(a_mark_shows, timeout=30, interval=0.5, what="the follower to start")
         with log.open("a") as fh:
             fh.write("a new line\n")
         wait_until(lambda: "a new line" in out.lines, timeout=20, what="the new line")
-        assert out.lines == ["a new line"]
+        assert set(out.lines) == {"mark", "a new line"} and out.lines[-1] == "a new line", out.lines[:5]
     finally:
         follow.terminate()
         follow.wait(timeout=10)
