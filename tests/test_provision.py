@@ -214,7 +214,7 @@ def test_install_builds_caches_and_serialises(index: FakeIndex, tmp_path: Path) 
     later: list[str] = []
     started = time.monotonic()
     assert install_llama_cpp(engines, version=VERSION, progress=later.append) == binary
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 5  # a build takes minutes; the index untouched is the proof
     assert len(index.requests) == requests_before
     assert later == []
 

@@ -203,10 +203,11 @@ def test_running_model_answers_while_another_loads_and_evicted_model_request_com
     wait_until(lambda: _rows(daemon).get("slow", {}).get("state") == "starting", what="slow to start loading")
     assert _rows(daemon)["a"]["state"] in ("stopping", "stopped")  # evicted for slow
 
-    # b is running: it answers at once, not after slow's 8 s load.
+    # b is running: it answers at once, not after slow's 8 s load (on a busy machine "at once"
+    # may take seconds; slow still starting below is the proof).
     began = time.monotonic()
     assert _chat(daemon, "b").status_code == 200
-    assert time.monotonic() - began < 4
+    assert time.monotonic() - began < 8
     assert _rows(daemon)["slow"]["state"] == "starting"
 
     # a was evicted: a request for it waits for room and completes.
