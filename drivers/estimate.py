@@ -21,6 +21,21 @@ GPU_OVERHEAD_MIB = 400
 
 
 @dataclass(frozen=True)
+class ComputeParts:
+    """What the compute buffer is made of, in bytes, for sizing it device by device when an
+    engine splits the layers over several (see `llmd.daemon.placement.estimate.split_compute_bytes`):
+    the graph's inputs (the KQ mask), a layer's attention stage and its peak (the larger of its
+    attention and feed-forward stages), one row of activations (`n_embd` values for each token
+    of the micro-batch) and the logits."""
+
+    inputs: int
+    attention: int
+    peak: int
+    row: int
+    outputs: int
+
+
+@dataclass(frozen=True)
 class Estimate:
     """Memory a model needs, in bytes, split the way placement decisions need it.
 
@@ -40,6 +55,12 @@ class Estimate:
     kv_cells: int = 0
     recurrent_bytes: int = 0
     gpu_overhead_mib: int = GPU_OVERHEAD_MIB
+    # The part of `non_layer_bytes` an engine that splits layers over devices puts with the
+    # last layer (output head and final norm); the rest, the input embeddings, stays in host
+    # memory with llama.cpp. 0: not known.
+    output_bytes: int = 0
+    # `compute_bytes` in parts, for an engine that splits layers over devices; None: not known.
+    compute_parts: ComputeParts | None = None
     source: str = ""
     notes: tuple[str, ...] = field(default=())
 

@@ -31,14 +31,14 @@ import os
 import re
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.placement.gguf_header import ArrayLength as _Length
 from llmd.daemon.placement.gguf_header import GgufClaimError, HeaderOnlyGguf, parse_header
-from llmd.drivers.estimate import GPU_OVERHEAD_MIB, MIB, Estimate, Estimator
+from llmd.drivers.estimate import GPU_OVERHEAD_MIB, MIB, ComputeParts, Estimate, Estimator
 
 if TYPE_CHECKING:
     from llmd.daemon.models.profiles import Profile
@@ -212,6 +212,59 @@ def compute_bytes(
     return int(mask + per_token * n_tokens * elem_bytes + outputs)
 
 
+def compute_parts(
+    shape: ModelShape, *, kv_cells_per_stream: int, n_tokens: int, n_outputs: int, flash_attn: bool = True,
+    elem_bytes: int = 4,
+) -> ComputeParts:
+    """`compute_bytes` in the parts `split_compute_bytes` sizes each device's share with."""
+    whole = compute_bytes(shape, kv_cells_per_stream=kv_cells_per_stream, n_tokens=n_tokens, n_outputs=n_outputs,
+                          flash_attn=flash_attn, elem_bytes=elem_bytes)
+    mask = kv_cells_per_stream * n_tokens * (2 if flash_attn else 4)
+    outputs = (shape.n_vocab + shape.n_embd) * n_outputs * 4
+    # A one-layer graph has no feed-forward peak (its only layer is the last): its attention.
+    one_layer = replace(shape, n_layers=1)
+    attention = compute_bytes(one_layer, kv_cells_per_stream=kv_cells_per_stream, n_tokens=n_tokens,
+                              n_outputs=n_outputs, flash_attn=flash_attn, elem_bytes=elem_bytes) - mask - outputs
+    return ComputeParts(inputs=mask, attention=attention, peak=whole - mask - outputs,
+                        row=shape.n_embd * n_tokens * elem_bytes, outputs=outputs)
+
+
+# Copies of each graph input llama.cpp's scheduler keeps when it pipelines micro-batches over
+# several devices (GGML_SCHED_MAX_COPIES).
+PIPELINE_COPIES = 4
+
+
+def split_compute_bytes(
+    parts: ComputeParts, *, first: bool, holds_output: bool, layers: int, last_layer: bool, pipelined: bool
+) -> float:
+    """One device's compute buffer when llama.cpp splits the layers over several devices.
+
+    Each device runs the graph of its own `layers` (`last_layer`: the model's last is among
+    them; `first`: the first is) and, with `holds_output`, the output head. Measured on
+    llama-server 11434 over RPC devices (tests/test_rpc_devices.py checks it against the
+    engine's report), with a device's inputs arriving from another device:
+
+    - a device's peak is the larger of the attention and feed-forward stages, less the three
+      rows the first device of a single-device graph also holds (input embeddings, residual,
+      and its copy); a device with only the model's last layer has no feed-forward peak (that
+      stage runs on the sampled rows only);
+    - each device holds its own copy of the graph's inputs (the KQ mask);
+    - with every layer offloaded to several devices, llama.cpp pipelines micro-batches:
+      `PIPELINE_COPIES` copies of each device's inputs, plus ten rows on the first device and
+      one on the others (three on a device with only the last layer, which then has no
+      feed-forward stage to hold them).
+    """
+    outputs = parts.outputs if holds_output else 0
+    if layers == 0:
+        return float(outputs)
+    only_last = last_layer and layers == 1
+    peak = (parts.attention if only_last else parts.peak) - 3 * parts.row
+    if not pipelined:
+        return float(parts.inputs + peak + outputs)
+    extra_rows = 13 if first else (3 if only_last else 4)
+    return float(PIPELINE_COPIES * parts.inputs + peak + extra_rows * parts.row + outputs)
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF
 
@@ -222,6 +275,9 @@ class _GgufTensors:
     expert_bytes: tuple[int, ...]
     non_layer_bytes: int
     total: int
+    # The output head and final norm (llama.cpp's output layer); a model without an output
+    # head uses its token embeddings there, which llama.cpp then loads a second time.
+    output_bytes: int = 0
 
 
 def _read_gguf(path: Path) -> tuple[dict[str, Any], _GgufTensors]:
@@ -294,7 +350,11 @@ def _split_tensors(metadata: dict[str, Any], sizes: Sequence[tuple[str, int]], w
         else:
             # Embeddings, output head, final norm, and extra prediction layers past block_count.
             non_layer += size
-    return _GgufTensors(tuple(layers), tuple(experts), non_layer, sum(s for _, s in sizes))
+    named = dict(sizes)
+    output = sum(size for name, size in sizes if name.startswith("output"))
+    if "output.weight" not in named:
+        output += named.get("token_embd.weight", 0)
+    return _GgufTensors(tuple(layers), tuple(experts), non_layer, sum(s for _, s in sizes), output)
 
 
 def _layer_count(metadata: dict[str, Any], key: str, where: Path | str) -> int:
@@ -490,6 +550,7 @@ def estimate_gguf(
         layer_bytes=tensors.layer_bytes,
         non_layer_bytes=tensors.non_layer_bytes,
         moe_expert_bytes=tensors.expert_bytes,
+        output_bytes=tensors.output_bytes,
         kv_bytes=kv + recurrent,
         compute_bytes=compute_bytes(
             shape,
@@ -497,6 +558,9 @@ def estimate_gguf(
             n_tokens=n_tokens,
             n_outputs=max(parallel, 1),
             flash_attn=flash_attn,
+        ),
+        compute_parts=compute_parts(
+            shape, kv_cells_per_stream=per_stream, n_tokens=n_tokens, n_outputs=max(parallel, 1), flash_attn=flash_attn,
         ),
         n_layers=shape.n_layers,
         n_head=shape.n_head,
