@@ -43,6 +43,14 @@ class Placement:
     ctx: int = 4096
     # Why it was placed this way, for `llmctl plan` and `ps`.
     reason: str = ""
+    # The cores the engine computes on when it computes on the CPU (a CPU placement, or layers or
+    # MoE experts kept in host memory by an engine that runs them there): its share of the cores
+    # llmd may use, with one thread per core. Empty: no CPU share (the engine's own default).
+    cpu_cores: tuple[int, ...] = ()
+    # Host RAM the plan reserved for what stays in host memory (weights, KV cache), in MiB.
+    host_mib: int = 0
+    # Workers of tensor parallelism on the CPU (vLLM's CPU workers), the cores split between them.
+    cpu_tensor_parallel: int = 1
 
     @property
     def cpu_only(self) -> bool:
@@ -50,7 +58,18 @@ class Placement:
 
     @property
     def tensor_parallel(self) -> int:
-        return max(1, len(self.gpus))
+        """Cards in a GPU placement; CPU workers in a CPU one."""
+        return len(self.gpus) if self.gpus else max(1, self.cpu_tensor_parallel)
+
+    @property
+    def threads(self) -> int | None:
+        """Compute threads for the engine: one per core of its CPU share; None without one."""
+        return len(self.cpu_cores) or None
+
+    def worker_cores(self) -> list[tuple[int, ...]]:
+        """The CPU share split between the `tensor_parallel` workers of a CPU placement, in
+        contiguous runs; with fewer cores than workers, workers share cores."""
+        return split_cores(self.cpu_cores, self.tensor_parallel)
 
     @property
     def vram_mib(self) -> int:
@@ -63,6 +82,42 @@ class Placement:
     def cuda_visible_devices(self) -> str:
         """By UUID, so a placement survives NVML and CUDA disagreeing on the order of cards."""
         return ",".join(share.uuid for share in self.gpus)
+
+
+def split_cores(cores: tuple[int, ...], parts: int) -> list[tuple[int, ...]]:
+    """`cores` in `parts` contiguous runs as even as they can be; with fewer cores than parts,
+    each part gets one core, reused round the set."""
+    if not cores or parts <= 1:
+        return [tuple(cores)]
+    if len(cores) < parts:
+        return [(cores[i % len(cores)],) for i in range(parts)]
+    base, extra = divmod(len(cores), parts)
+    runs, start = [], 0
+    for part in range(parts):
+        size = base + (1 if part < extra else 0)
+        runs.append(tuple(cores[start:start + size]))
+        start += size
+    return runs
+
+
+def cpu_list(cores: tuple[int, ...] | list[int]) -> str:
+    """Cores in the kernel's cpulist form ("0-3,6"), as vLLM's thread binding and taskset read it."""
+    ordered = sorted(set(cores))
+    runs: list[str] = []
+    start = previous = None
+    for core in [*ordered, None]:
+        if core is not None and previous is not None and core == previous + 1:
+            previous = core
+            continue
+        if start is not None:
+            runs.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = core
+    return ",".join(runs)
+
+
+def cpu_mask(cores: tuple[int, ...] | list[int]) -> str:
+    """Cores as a hexadecimal affinity mask without "0x" (llama.cpp's --cpu-mask)."""
+    return format(sum(1 << core for core in set(cores)), "x")
 
 
 @dataclass(frozen=True)
@@ -180,6 +235,12 @@ class Driver(Protocol):
     A driver may also declare `native_routes`, the client API routes its engine serves itself
     (see `NATIVE_ROUTES`). It is optional too: read it through `native_routes(driver)`.
 
+    How an engine uses devices, for the scheduler: `tensor_parallel_splits_heads` (see
+    `splits_heads`) and `offload_computes_on_cpu` (see `offload_computes_on_cpu`), both optional.
+    An engine that computes on the CPU gets `placement.cpu_cores`, and should start as many
+    compute threads as there are cores in it (`placement.threads`); llmd also confines the
+    process to those cores.
+
     A driver whose engine serves OpenAI's /v1/embeddings sets `supports_embeddings = True` and,
     for a profile with `[launch] embeddings = true`, starts the engine so that it does. Profiles
     that ask for embeddings from an engine without it are refused (see `serves_embeddings`).
@@ -251,6 +312,22 @@ def native_routes(driver: Driver) -> frozenset[str]:
     if not isinstance(declared, set | frozenset | tuple | list):
         return frozenset()
     return frozenset(route for route in declared if route in NATIVE_ROUTES)
+
+
+def splits_heads(driver: Driver) -> bool:
+    """Whether `driver`'s engine splits a model over several devices by attention heads (vLLM's
+    and fastllm's tensor parallelism), so that a width must divide the head counts: its
+    `tensor_parallel_splits_heads`, True for a driver that does not say. llama.cpp splits by
+    layers and says False."""
+    return getattr(driver, "tensor_parallel_splits_heads", True) is not False
+
+
+def offload_computes_on_cpu(driver: Driver) -> bool:
+    """Whether `driver`'s engine computes the layers (or MoE experts) a plan keeps in host memory
+    on the CPU, so that it needs a share of the cores: its `offload_computes_on_cpu`, True for a
+    driver that does not say. vLLM streams offloaded weights to the GPU and says False. A CPU
+    placement always computes on the CPU."""
+    return getattr(driver, "offload_computes_on_cpu", True) is not False
 
 
 def persists_kv(driver: Driver) -> bool:

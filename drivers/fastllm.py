@@ -13,9 +13,15 @@ Placement, as the scheduler decided it:
 - CPU: `--device cpu`, and an empty `CUDA_VISIBLE_DEVICES` so a CUDA build stays off the cards.
 - GPUs: `CUDA_VISIBLE_DEVICES` lists the placed cards by UUID, so inside the engine they are
   `cuda:0..N-1`. One card is `--device cuda:0`; several are `--tp N` (fastllm's thread-level
-  tensor parallelism over the first N visible cards).
-- MoE experts on the CPU (`placement.cpu_moe_layers`, or the profile's `offload = "moe-experts"`):
-  `--moe_device cpu`.
+  tensor parallelism over the first N visible cards, which splits attention heads).
+- Layers kept on the CPU (`placement.gpu_layers` below the model's layer count): `--device`
+  holds a device map, a dict of device to its share of the layers, which fastllm reads with
+  `ast.literal_eval`: "{'cuda:0': 22, 'cpu': 10}" for 22 of 32 layers on the card.
+- MoE experts on the CPU for N layers (`placement.cpu_moe_layers`): `--moe_device cpu
+  --moe_device_layers N`. fastllm takes the experts of the last N layers, where llama.cpp
+  takes the first: the same memory for a model whose layers are alike.
+- The CPU share (`placement.cpu_cores`): `-t N`, one thread per core (llmd confines the
+  process to those cores).
 - `--kv_cache_limit` caps the KV cache at what the plan reserved for it. Without it fastllm
   takes all free VRAM for its KV cache, which would starve every other model on the card.
 
@@ -75,21 +81,41 @@ def kv_cache_limit(kv_bytes: int, placement: Placement) -> str:
     return f"{max(1, math.ceil(kv_bytes / 1_000_000))}m"
 
 
-def placement_args(request: LaunchRequest, kv_bytes: int | None = None) -> list[str]:
-    """The flags that put the model where the scheduler decided."""
+def device_map(placement: Placement, n_layers: int | None) -> str:
+    """fastllm's `--device` dict for a plan that keeps layers on the CPU: the placed cards'
+    layers split evenly between them, the rest on "cpu". Without the layer count (the model
+    could not be read), one layer's share stays on the CPU."""
+    on_gpu = placement.gpu_layers or 0
+    on_cpu = max(1, n_layers - on_gpu) if n_layers else 1
+    cards = len(placement.gpus)
+    shares = {f"cuda:{i}": on_gpu // cards + (1 if i < on_gpu % cards else 0) for i in range(cards)}
+    shares = {device: layers for device, layers in shares.items() if layers > 0}
+    return repr({**shares, "cpu": on_cpu})
+
+
+def thread_args(placement: Placement) -> list[str]:
+    """`-t N` for the placement's CPU share; nothing without one (fastllm's default)."""
+    return ["-t", str(placement.threads)] if placement.threads else []
+
+
+def placement_args(request: LaunchRequest, kv_bytes: int | None = None, n_layers: int | None = None) -> list[str]:
+    """The flags that put the model where the scheduler decided. `n_layers`: the model's layer
+    count, for a device map."""
     placement = request.placement
     if placement.cpu_only:
-        return ["--device", "cpu"]
+        return ["--device", "cpu", *thread_args(placement)]
     # CUDA_VISIBLE_DEVICES holds exactly the placed cards, so they count from 0 inside the engine.
-    if len(placement.gpus) == 1:
+    if placement.gpu_layers is not None:
+        args = ["--device", device_map(placement, n_layers)]
+    elif len(placement.gpus) == 1:
         args = ["--device", "cuda:0"]
     else:
         args = ["--tp", str(len(placement.gpus))]
-    if placement.cpu_moe_layers > 0 or request.profile.launch.offload == "moe-experts":
-        args += ["--moe_device", "cpu"]
+    if placement.cpu_moe_layers > 0:
+        args += ["--moe_device", "cpu", "--moe_device_layers", str(placement.cpu_moe_layers)]
     if kv_bytes is not None:
         args += ["--kv_cache_limit", kv_cache_limit(kv_bytes, placement)]
-    return args
+    return [*args, *thread_args(placement)]
 
 
 class FastllmDriver:
@@ -99,12 +125,16 @@ class FastllmDriver:
     # that ignores `tool_choice` and cannot count tokens: llmd translates Anthropic's Messages
     # to fastllm's chat completions instead.
     native_routes = frozenset({OPENAI_RESPONSES})
+    # `--tp` splits attention heads over the cards; layers and experts kept on the CPU run there.
+    tensor_parallel_splits_heads = True
+    offload_computes_on_cpu = True
 
     def launch(self, request: LaunchRequest) -> LaunchSpec:
         launch = request.profile.launch
         placement = request.placement
         estimate = None if placement.cpu_only else planned_estimate(request)
         kv_bytes = estimate.kv_bytes if estimate is not None else None
+        n_layers = estimate.n_layers if estimate is not None else None
         argv = [
             *request.command,
             str(request.model_path),
@@ -114,7 +144,7 @@ class FastllmDriver:
             # Like llama.cpp's slots: the KV cache was planned for this many sequences.
             "--max_batch", str(launch.parallel),
             *kv_cache_dtype_args(launch.cache_type),
-            *placement_args(request, kv_bytes),
+            *placement_args(request, kv_bytes, n_layers),
             "--startup-progress", "ndjson",
             *launch.extra_args,
             # Last, so that they win over anything before them: the engine listens where llmd says.

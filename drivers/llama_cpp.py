@@ -8,7 +8,7 @@ behind the scheduler's back.
 from __future__ import annotations
 
 from .base import ANTHROPIC_COUNT_TOKENS, ANTHROPIC_MESSAGES, OPENAI_RESPONSES, LaunchRequest, LaunchSpec, Placement, Readiness
-from .base import KvPersistence
+from .base import KvPersistence, cpu_mask
 from .hookspecs import hookimpl
 
 # More layers than any model has: "all layers on the GPU".
@@ -28,6 +28,17 @@ def placement_args(placement: Placement) -> list[str]:
     return args
 
 
+def cpu_args(placement: Placement) -> list[str]:
+    """The engine's share of the cores: one thread per core, each thread pinned to a core of its
+    own (`--cpu-strict 1`), for generation and prompt processing alike (the batch mask follows
+    `--cpu-mask`). Nothing without a share: llama-server's own default."""
+    if not placement.cpu_cores:
+        return []
+    threads = str(len(placement.cpu_cores))
+    return ["--threads", threads, "--threads-batch", threads,
+            "--cpu-mask", cpu_mask(placement.cpu_cores), "--cpu-strict", "1"]
+
+
 def kv_args(request: LaunchRequest) -> list[str]:
     """`--slot-save-path` when llmd keeps the prompt cache across restarts: the slots are then
     saved to and restored from that directory through `POST /slots/ID?action=save|restore`."""
@@ -44,6 +55,10 @@ class LlamaCppDriver:
     native_routes = frozenset({ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS, OPENAI_RESPONSES})
     # `--embeddings` serves /v1/embeddings (and then only embeddings).
     supports_embeddings = True
+    # Over several devices llama.cpp gives each whole layers: any width is legal, whatever the
+    # head counts. The layers it keeps in host memory it computes on the CPU.
+    tensor_parallel_splits_heads = False
+    offload_computes_on_cpu = True
 
     def launch(self, request: LaunchRequest) -> LaunchSpec:
         launch = request.profile.launch
@@ -59,6 +74,7 @@ class LlamaCppDriver:
             "--cache-type-v", launch.cache_type,
             "--fit", "off",
             *placement_args(placement),
+            *cpu_args(placement),
             *(["--embeddings"] if launch.embeddings else []),
             *kv_args(request),
             *launch.extra_args,

@@ -45,6 +45,9 @@ class LaunchSettings(BaseModel):
     offload: Literal["none", "auto", "moe-experts"] | Annotated[int, Field(ge=0, le=100_000)] = "none"
     # KV cache element type, as llama.cpp names it (f16, q8_0, ...).
     cache_type: str = "f16"
+    # CPU threads (and as many cores) for an engine that computes on the CPU; None: an even share
+    # of the cores llmd may use, split with the other CPU engines (see the README's placement).
+    threads: Annotated[int, Field(ge=1, le=4096)] | None = None
     # Serve OpenAI's /v1/embeddings: the driver starts the engine in its embedding mode
     # (llama-server --embeddings, vLLM --runner pooling). Such an engine may serve nothing else.
     embeddings: bool = False

@@ -18,7 +18,11 @@ Placement, as the scheduler decided it:
   bytes per card, from llmd's estimate. vLLM offloads whole weights, not chosen layers, so this
   is an approximation of the same amount of memory.
 - CPU: `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache) from the planned KV size, unless the profile's
-  or engine's env sets it.
+  or engine's env sets it. The placement's cores (`placement.cpu_cores`) become
+  `VLLM_CPU_OMP_THREADS_BIND`, one OpenMP thread per core; with `tensor_parallel = N` on the CPU
+  (`placement.tensor_parallel`), `--tensor-parallel-size N` starts N CPU workers and the cores
+  are split between them ("0-3|4-7"): vLLM refuses a CPU tensor parallelism wider than the NUMA
+  nodes unless each worker is given its cores this way.
 
 Other vLLM settings go in the profile's `launch.extra_args`, verbatim, for example
 `["--dtype", "bfloat16", "--quantization", "awq", "--enforce-eager", "--load-format", "dummy"]`.
@@ -47,6 +51,7 @@ from .base import (
     Readiness,
     SleepControl,
     cache_type_args,
+    cpu_list,
     planned_estimate,
 )
 from .hookspecs import hookimpl
@@ -60,6 +65,7 @@ SLEEP_MODE_FLAG = "--enable-sleep-mode"
 SLEEP_MODE_ENV = "LLMD_VLLM_SLEEP_MODE"
 DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"
 CPU_KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 # The profile's `cache_type` (llama.cpp's names, f16 by default) as vLLM's --kv-cache-dtype.
 # None: vLLM's "auto", the model's own dtype.
@@ -114,9 +120,21 @@ def sleep_mode_requested(request: LaunchRequest) -> bool:
     return SLEEP_MODE_FLAG in launch.extra_args or env.get(SLEEP_MODE_ENV) == "1"
 
 
+def cpu_threads_bind(placement: Placement) -> str | None:
+    """`VLLM_CPU_OMP_THREADS_BIND` for a CPU placement's cores: each worker's cores in the
+    kernel's cpulist form, workers separated by "|"; None without a CPU share."""
+    if not placement.cpu_cores:
+        return None
+    return "|".join(cpu_list(cores) for cores in placement.worker_cores())
+
+
 class VllmDriver:
     name = "vllm"
     default_command = ["vllm", "serve"]
+    # Tensor parallelism splits attention heads; offloaded weights (--cpu-offload-gb) are
+    # streamed to the GPU and computed there, so an offload needs no CPU share.
+    tensor_parallel_splits_heads = True
+    offload_computes_on_cpu = False
     # vLLM's server serves Anthropic's Messages (and counts their tokens) and OpenAI's Responses itself.
     native_routes = frozenset({ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS, OPENAI_RESPONSES})
     # `--runner pooling` serves /v1/embeddings (vLLM 0.10 and later; it replaced `--task embed`).
@@ -140,6 +158,11 @@ class VllmDriver:
         if placement.cpu_only:
             if CPU_KV_ENV not in env and estimate is not None:
                 env[CPU_KV_ENV] = str(max(1, math.ceil(estimate.kv_bytes / GIB)))
+            bind = cpu_threads_bind(placement)
+            if bind is not None:
+                env.setdefault(CPU_BIND_ENV, bind)
+            if placement.tensor_parallel > 1:
+                resources += ["--tensor-parallel-size", str(placement.tensor_parallel)]
         else:
             resources += ["--tensor-parallel-size", str(placement.tensor_parallel)]
             fraction = gpu_memory_utilization(placement)

@@ -45,6 +45,8 @@ PLACEMENTS = {
     "gpu": Placement(gpus=(GpuShare(1, "GPU-bbbb", 9000, total_mib=24000),), ctx=1024),
     "tp": Placement(gpus=(GpuShare(0, "GPU-aaaa", 20000, total_mib=24000), GpuShare(2, "GPU-cccc", 20000, total_mib=24000)), ctx=1024),
     "offload": Placement(gpus=(GpuShare(0, "GPU-aaaa", 8000),), gpu_layers=1, cpu_moe_layers=1, ctx=1024),
+    # A CPU placement with a share of the cores: 2 of them, 2 threads.
+    "cpu-share": Placement(ctx=1024, gpu_layers=0, cpu_cores=(2, 3)),
 }
 
 # Flags (name, value) each built-in driver must pass for each placement.
@@ -54,12 +56,15 @@ EXPECTED_FLAGS: dict[str, dict[str, list[tuple[str, str]]]] = {
         "gpu": [("-ngl", "999")],
         "tp": [("--tensor-split", "20000,20000")],
         "offload": [("-ngl", "1"), ("--n-cpu-moe", "1")],
+        "cpu-share": [("--threads", "2"), ("--threads-batch", "2"), ("--cpu-mask", "c"), ("--cpu-strict", "1")],
     },
     "fastllm": {
         "cpu": [("--device", "cpu"), ("--max_context_length", "1024")],
         "gpu": [("--device", "cuda:0")],
         "tp": [("--tp", "2")],
-        "offload": [("--device", "cuda:0"), ("--moe_device", "cpu")],
+        # 1 of the tiny model's 2 layers on the card: the other's share goes to the CPU.
+        "offload": [("--device", "{'cuda:0': 1, 'cpu': 1}"), ("--moe_device", "cpu"), ("--moe_device_layers", "1")],
+        "cpu-share": [("--device", "cpu"), ("-t", "2")],
     },
     "vllm": {
         "cpu": [("--max-model-len", "1024")],
@@ -70,9 +75,11 @@ EXPECTED_FLAGS: dict[str, dict[str, list[tuple[str, str]]]] = {
 }
 # Flags that must be absent.
 FORBIDDEN_FLAGS: dict[str, dict[str, list[str]]] = {
-    "fastllm": {"cpu": ["--moe_device", "--kv_cache_limit", "--tp"], "gpu": ["--tp", "--moe_device"]},
+    "fastllm": {"cpu": ["--moe_device", "--kv_cache_limit", "--tp", "-t"], "gpu": ["--tp", "--moe_device", "-t"]},
+    "llama-cpp": {"cpu": ["--threads", "--cpu-mask"], "gpu": ["--threads", "--cpu-mask"]},
     "vllm": {
         "cpu": ["--tensor-parallel-size", "--gpu-memory-utilization", "--cpu-offload-gb"],
+        "cpu-share": ["--tensor-parallel-size"],
         # No card total recorded: the KV cap is given in bytes instead of as a fraction.
         "offload": ["--gpu-memory-utilization"],
     },

@@ -75,3 +75,62 @@ def test_alias_reaches_fastllm(make_daemon, fastllm_command: list[str], tiny_ggu
     response = httpx.post(daemon.url + "/v1/chat/completions", timeout=120,
                           json={"model": "fast-alias", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
     assert response.status_code == 200, response.text
+
+
+# Parses each argv of a JSON list (from `server` on) with ftllm's own parser, and prints what
+# ftllm makes of the placement flags: `--device` through ast.literal_eval, as ftllm reads it.
+_FTLLM_PARSE = """\
+import ast, json, sys
+from ftllm.cli import args_parser
+
+out = []
+for argv in json.load(sys.stdin):
+    args = args_parser().parse_args(argv)
+    try:
+        device = ast.literal_eval(args.device)
+    except (ValueError, SyntaxError):
+        device = args.device
+    out.append({"device": device, "moe_device": args.moe_device, "moe_device_layers": args.moe_device_layers,
+                "threads": args.threads, "tp": args.tp, "host": args.host, "port": args.port})
+print(json.dumps(out))
+"""
+
+
+def test_the_plan_reaches_fastllm_through_its_own_argument_parser(fastllm_command: list[str], tmp_path: Path) -> None:
+    """What the driver writes means the plan to ftllm itself: the installed engine's own parser
+    reads back the device map, the MoE layers on the CPU and the thread count the plan set."""
+    import subprocess
+
+    from llmd.daemon.models.profiles import Profile
+    from llmd.daemon.models.tinymodel import write_tiny_gguf
+    from llmd.daemon.placement.estimate import launch_estimator
+    from llmd.drivers.base import GpuShare, LaunchRequest, Placement
+
+    model = write_tiny_gguf(tmp_path / "eight.gguf", n_layers=8)
+    card, other = GpuShare(0, "GPU-a", 8000, total_mib=24000), GpuShare(1, "GPU-b", 8000, total_mib=24000)
+    plans = {
+        # 6 of 8 layers on one card, 2 computed on the CPU's 2 cores.
+        "partial": (Placement(gpus=(card,), gpu_layers=6, ctx=512, cpu_cores=(0, 1)),
+                    {"device": {"cuda:0": 6, "cpu": 2}, "moe_device": "", "moe_device_layers": -1, "threads": 2}),
+        "partial over two cards": (Placement(gpus=(card, other), gpu_layers=5, ctx=512, cpu_cores=(2, 3, 4)),
+                                   {"device": {"cuda:0": 3, "cuda:1": 2, "cpu": 3}, "threads": 3}),
+        "moe experts": (Placement(gpus=(card,), cpu_moe_layers=3, ctx=512, cpu_cores=(1,)),
+                        {"device": "cuda:0", "moe_device": "cpu", "moe_device_layers": 3, "threads": 1}),
+        "whole on two cards": (Placement(gpus=(card, other), ctx=512), {"tp": "2", "moe_device": "", "threads": -1}),
+        "cpu": (Placement(gpu_layers=0, ctx=512, cpu_cores=(0, 1, 2, 3)), {"device": "cpu", "threads": 4}),
+    }
+    profile = Profile.model_validate({"engine": "fastllm", "model": {"path": str(model)}, "launch": {"ctx": 512}})
+    profile.name = "fast"
+    argvs = []
+    for placement, _ in plans.values():
+        request = LaunchRequest(profile=profile, placement=placement, model_path=model, host="127.0.0.1", port=4321,
+                                command=fastllm_command, estimator=launch_estimator(profile, model))
+        argv = FastllmDriver().launch(request).argv
+        argvs.append(argv[len(fastllm_command) - 1:])  # from the `server` subcommand on
+    python = Path(fastllm_command[0]).parent / "python"
+    parsed = subprocess.run([str(python), "-c", _FTLLM_PARSE], input=json.dumps(argvs), capture_output=True,
+                            text=True, timeout=120, check=True)
+    for (name, (_, expected)), seen in zip(plans.items(), json.loads(parsed.stdout)):
+        assert seen["host"] == "127.0.0.1" and seen["port"] == 4321, name
+        for key, value in expected.items():
+            assert seen[key] == value, f"{name}: {key} is {seen[key]!r} to ftllm, the plan says {value!r}"

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,11 @@ _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 _prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
 _prctl.restype = ctypes.c_int
+# And sched_setaffinity, for the same reason: the child confines itself to its cores with a mask
+# the parent built (os.sched_setaffinity would allocate one between fork and exec).
+_sched_setaffinity = ctypes.CDLL(None, use_errno=True).sched_setaffinity
+_sched_setaffinity.argtypes = (ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p)
+_sched_setaffinity.restype = ctypes.c_int
 
 # Readiness is probed this often: fast enough that llmd adds next to nothing to a cold start.
 READY_POLL_SECONDS = 0.01
@@ -51,6 +57,31 @@ LOG_TAIL_LINES = 20
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _cpu_set(cores: tuple[int, ...]) -> ctypes.Array[ctypes.c_ulong]:
+    """A cpu_set_t holding `cores`, at least the C library's 1024 bits."""
+    bits = ctypes.sizeof(ctypes.c_ulong) * 8
+    words = (ctypes.c_ulong * max(1024 // bits, max(cores) // bits + 1))()
+    for core in cores:
+        words[core // bits] |= 1 << (core % bits)
+    return words
+
+
+def _child_setup(cpu_cores: tuple[int, ...]) -> Callable[[], None]:
+    """What the child runs between fork and exec: die with llmd, and when the placement gave
+    the engine cores of its own, run on those only (its threads inherit the set). Everything
+    it needs is built here, in the parent."""
+    if not cpu_cores:
+        return _die_with_parent
+    mask = _cpu_set(cpu_cores)
+    size = ctypes.sizeof(mask)
+
+    def setup() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _sched_setaffinity(0, size, mask)  # a core gone offline since: the engine runs unconfined
+
+    return setup
 
 
 def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
@@ -274,13 +305,15 @@ MODEL_ENV = "LLMD_MODEL"
 
 
 def spawn_engine(
-    name: str, spec: LaunchSpec, port: int, log_path: Path, owner: str, log_limits: LogLimits | None = None
+    name: str, spec: LaunchSpec, port: int, log_path: Path, owner: str, log_limits: LogLimits | None = None,
+    cpu_cores: tuple[int, ...] = (),
 ) -> EngineProcess:
     """Start `spec.argv` directly (never through a shell), output appended to `log_path`.
 
     `owner` (the daemon's state dir) is recorded in the engine's environment. With `log_limits`,
     the engine writes into a pipe that a thread copies into the log, rotating it at the cap (see
-    `rotating_log`); without, straight into the file.
+    `rotating_log`); without, straight into the file. With `cpu_cores`, the engine (and every
+    process and thread it starts) runs on those cores only: its share of the CPU.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # Not the daemon's whole environment: its secrets (HF_TOKEN, say) are for downloads only.
@@ -290,13 +323,13 @@ def spawn_engine(
         with log_path.open("ab") as log_file:
             log_file.write(header)
             log_file.flush()
-            popen = _popen(name, spec, env, log_file.fileno())
+            popen = _popen(name, spec, env, log_file.fileno(), cpu_cores)
     else:
         target = RotatingLog(log_path, log_limits)
         target.write(header)
         read_end, write_end = os.pipe()
         try:
-            popen = _popen(name, spec, env, write_end)
+            popen = _popen(name, spec, env, write_end, cpu_cores)
         except BaseException:
             os.close(read_end)
             target.close()
@@ -307,7 +340,8 @@ def spawn_engine(
     return EngineProcess(name=name, argv=list(spec.argv), port=port, log_path=log_path, popen=popen)
 
 
-def _popen(name: str, spec: LaunchSpec, env: dict[str, str], output: int) -> subprocess.Popen[bytes]:
+def _popen(name: str, spec: LaunchSpec, env: dict[str, str], output: int,
+           cpu_cores: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     """Start the engine in a session of its own, its stdout and stderr on `output`."""
     try:
         return subprocess.Popen(
@@ -317,7 +351,7 @@ def _popen(name: str, spec: LaunchSpec, env: dict[str, str], output: int) -> sub
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_child_setup(cpu_cores),
             close_fds=True,
         )
     except OSError as exc:

@@ -47,7 +47,7 @@ class Manager:
         self.drivers = drivers
         self.profiles = profiles
         self.instances: dict[str, Instance] = {}
-        self.planner = Planner(config.gpus.simulate, config.server.state_dir, config.gpus.margin_mib)
+        self.planner = Planner(config.gpus.simulate, config.server.state_dir, config.gpus.margin_mib, drivers)
         self.ledger = PidLedger(config.server.state_dir / "engines.json")
         self.metrics = Metrics(config.metrics.enabled, models=self.status, gpus=self.gpu_report, cards_of=self.model_cards)
         # The parts of the work that have modules of their own; they change `instances` only

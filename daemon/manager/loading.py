@@ -176,8 +176,10 @@ class Loader:
         profile = request.profile
         spec = driver.launch(request)
         server = manager.config.server
+        # An engine that computes on the CPU runs on its share of the cores only.
         engine = spawn_engine(profile.name, spec, request.port, engine_log_path(manager.config, profile.name),
-                              str(server.state_dir), LogLimits.from_mib(server.log_max_mib, server.log_keep))
+                              str(server.state_dir), LogLimits.from_mib(server.log_max_mib, server.log_keep),
+                              cpu_cores=request.placement.cpu_cores)
         started.append(engine)
         manager.ledger.add(engine)
         inst.engine, inst.spec, inst.request = engine, spec, request

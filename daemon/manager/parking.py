@@ -16,6 +16,7 @@ import psutil
 
 from llmd.daemon.engines.supervisor import EngineProcess, process_tree
 from llmd.daemon.manager.state import ENGINE_HOST, Instance, Load, State, close_client
+from llmd.daemon.placement.host import HOST_RAM_MARGIN_MIB
 from llmd.daemon.placement.scheduler import ModelNeed, NoFit, RunningModel, plan
 
 if TYPE_CHECKING:
@@ -23,9 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Host RAM kept free beyond what a parked engine holds, and how long the engine may take to go
-# to sleep (waking is bounded by `[server] ready_timeout`).
-HOST_RAM_MARGIN_MIB = 2048
+# How long the engine may take to go to sleep (waking is bounded by `[server] ready_timeout`).
+# Host RAM kept free beyond what parked engines hold is the host ledger's margin
+# (`HOST_RAM_MARGIN_MIB`): parked weights claim host RAM like any model's (see `cpu_plan`).
 PARK_TIMEOUT = 120.0
 
 

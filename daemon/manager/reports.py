@@ -50,6 +50,10 @@ def status(manager: Manager) -> list[dict[str, Any]]:
                 # Parked engines keep their weights in host RAM instead.
                 "host_ram_mib": inst.spec.sleep.host_ram_mib if inst.parked is not None and inst.spec and inst.spec.sleep else 0,
                 "sleep_mode": bool(inst.spec is not None and inst.spec.sleep is not None),
+                # The engine's share of the cores (one thread each) and the host RAM the plan
+                # reserved for what it keeps in host memory (see `cpu_plan`).
+                "cpu_cores": list(placement.cpu_cores) if placement else [],
+                "ram_mib": placement.host_mib if placement else 0,
                 "gpu_layers": placement.gpu_layers if placement else None,
                 "cpu_moe_layers": placement.cpu_moe_layers if placement else 0,
                 "placement": placement.reason if placement else None,
@@ -123,6 +127,8 @@ async def plan_preview(manager: Manager, name: str, on_progress: Callable[[str],
         "gpus": [{"index": s.index, "uuid": s.uuid, "vram_mib": s.vram_mib} for s in placement.gpus],
         "gpu_layers": placement.gpu_layers,
         "cpu_moe_layers": placement.cpu_moe_layers,
+        "cpu_cores": list(placement.cpu_cores),
+        "ram_mib": placement.host_mib,
         "ctx": placement.ctx,
         "evict": list(result.evict),
     })

@@ -162,6 +162,11 @@ class Instance:
         else:
             busy = 1
         policy = self.profile.policy
+        parks = parkable and self.state is State.READY
+        # Host RAM: what the placement keeps in host memory, and a parked engine's weights.
+        sleep = self.spec.sleep if self.spec is not None else None
+        parked_weights = sleep.host_ram_mib if sleep is not None else 0
+        host_mib = self.placement.host_mib + (parked_weights if self.state is State.SLEEPING else 0)
         return RunningModel(
             name=self.name,
             gpus=self.claimed(),
@@ -169,7 +174,10 @@ class Instance:
             pinned=policy.pinned,
             priority=policy.priority,
             last_used=self.last_used,
-            parked_gpus=self.parked_share() if parkable and self.state is State.READY else None,
+            parked_gpus=self.parked_share() if parks else None,
+            cpu_cores=self.placement.cpu_cores,
+            host_mib=host_mib,
+            parked_host_mib=self.placement.host_mib + parked_weights if parks else 0,
         )
 
 

@@ -12,15 +12,19 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from llmd.drivers.base import Driver, offload_computes_on_cpu, splits_heads
 
 from llmd.daemon.util.atomic_write import write_json_atomic
 from llmd.daemon.util.state_file import expect, expect_number, read_state
 from llmd.daemon.errors import LlmdError
 from llmd.daemon.placement.estimate import Estimate, check_gguf_file, estimate_profile
 from llmd.daemon.placement.gguf_header import HeaderOnlyGguf
+from llmd.daemon.placement.host import HostInfo, read_host
 from llmd.daemon.placement.inventory import GpuInfo, Inventory, SimulatedInventory, measure_pids_vram, open_inventory
 from llmd.daemon.models.profiles import Profile
 from llmd.daemon.placement.scheduler import ModelNeed, NoFit, Plan, RunningModel, need_for_profile, plan
@@ -98,8 +102,13 @@ def _parse_measurements(raw: Any) -> dict[str, Measurement]:
 
 
 class Planner:
-    def __init__(self, simulate: Path | None, state_dir: Path, margin_mib: int) -> None:
+    def __init__(self, simulate: Path | None, state_dir: Path, margin_mib: int,
+                 drivers: Mapping[str, Driver] | None = None) -> None:
         self.inventory: Inventory = open_inventory(simulate)
+        # How each engine uses devices (heads or layers split, CPU offload), for its needs.
+        self.drivers: Mapping[str, Driver] = drivers or {}
+        # The host's RAM and the cores llmd may use, read at each placement (tests replace it).
+        self.read_host: Callable[[], HostInfo] = read_host
         self.margin_mib = margin_mib
         self.measurements = MeasurementStore(state_dir / "measured-vram.json")
         self._estimates: dict[str, tuple[str, Estimate]] = {}
@@ -175,8 +184,8 @@ class Planner:
         if not gpus:
             # No estimate to make, but a GGUF is still checked before an engine gets it.
             self._check_gguf(profile, model_path)
-            result = plan(ModelNeed.fixed(profile.name, 1, ctx=profile.launch.ctx), gpus, running, self.margin_mib)
-            return result, details
+            need = self._cpu_need(profile, model_path)
+            return plan(need, gpus, running, self.margin_mib, host=self.read_host()), details
         try:
             need, estimate, source = self.need(profile, model_path)
         except (ValueError, OSError) as exc:
@@ -186,7 +195,25 @@ class Planner:
         details.update({"need_mib": need.total_mib, "need_source": source})
         if estimate is not None:
             details["estimate"] = estimate.breakdown()
-        return plan(need, gpus, running, self.margin_mib), details
+        return plan(self._for_engine(need, profile), gpus, running, self.margin_mib, host=self.read_host()), details
+
+    def _for_engine(self, need: ModelNeed, profile: Profile) -> ModelNeed:
+        """`need` with what its engine's driver says about the way it uses devices."""
+        driver = self.drivers.get(profile.engine)
+        if driver is None:
+            return need
+        return replace(need, splits_heads=splits_heads(driver), offload_on_cpu=offload_computes_on_cpu(driver))
+
+    def _cpu_need(self, profile: Profile, model_path: Path | HeaderOnlyGguf) -> ModelNeed:
+        """The need of a model on a host without GPUs, for its host RAM: from the estimate when
+        the model can be read, else one that claims no RAM (the engine reports what is wrong)."""
+        try:
+            need, _, _ = self.need(profile, model_path)
+        except (LlmdError, ValueError, OSError) as exc:
+            log.debug("%s: no estimate to plan host RAM with (%s)", profile.name, exc)
+            need = ModelNeed.fixed(profile.name, 1, tensor_parallel=profile.launch.tensor_parallel,
+                                   ctx=profile.launch.ctx, threads=profile.launch.threads)
+        return self._for_engine(need, profile)
 
     def claim(self, owner: str, pid: int, shares: dict[int, int]) -> None:
         """A simulated card's free memory follows what llmd starts, as a real card's would."""

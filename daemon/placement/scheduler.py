@@ -23,6 +23,9 @@ The search, in order of preference:
    recently used first.
 
 A model with requests in flight, or a pinned one, is never evicted.
+
+Then the CPU side (`cpu_plan`), when the caller gives the host: the cores of an engine that
+computes on the CPU, and the host RAM of what stays in host memory, a ledger like a card's.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from typing import TYPE_CHECKING, Literal
 
 from llmd.drivers.base import GpuShare, Placement
 
+from llmd.daemon.placement.cpu_plan import plan_cpu_side
 from llmd.daemon.placement.estimate import GPU_OVERHEAD_MIB
+from llmd.daemon.placement.host import HostInfo
 from llmd.daemon.placement.inventory import GpuInfo
 
 if TYPE_CHECKING:
@@ -85,6 +90,13 @@ class ModelNeed:
     # Card indices the profile allows; None means any card.
     allowed_gpus: tuple[int, ...] | None = None
     ctx: int = 4096
+    # How the engine uses devices (see `llmd.drivers.base.splits_heads` and
+    # `offload_computes_on_cpu`): whether a tensor-parallel width must divide the heads, and
+    # whether layers kept in host memory are computed on the CPU (and so need cores).
+    splits_heads: bool = True
+    offload_on_cpu: bool = True
+    # `[launch] threads`: the cores (one thread each) asked for on the CPU; None: an even share.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.layer_mib) != self.n_layers:
@@ -105,6 +117,7 @@ class ModelNeed:
         tensor_parallel: int | Literal["auto"] = 1,
         allowed_gpus: tuple[int, ...] | None = None,
         ctx: int = 4096,
+        threads: int | None = None,
     ) -> ModelNeed:
         """A need the user stated (`placement.vram_mib`): a total over all cards, everything included.
 
@@ -121,6 +134,7 @@ class ModelNeed:
             tensor_parallel=tensor_parallel,
             allowed_gpus=allowed_gpus,
             ctx=ctx,
+            threads=threads,
         )
 
     @property
@@ -143,10 +157,22 @@ class RunningModel:
     # What stays on each card when eviction parks this model (an engine asleep keeps its CUDA
     # context) instead of stopping it; None: evicting it stops it and frees its whole claim.
     parked_gpus: dict[int, int] | None = None
+    # The cores it computes on (empty: none of its own), and the host RAM it claims: what it
+    # keeps in host memory, or a parked engine's weights. `parked_host_mib`: what it would claim
+    # once parked (with `parked_gpus`).
+    cpu_cores: tuple[int, ...] = ()
+    host_mib: int = 0
+    parked_host_mib: int = 0
 
     @property
     def evictable(self) -> bool:
         return self.in_flight == 0 and not self.pinned
+
+    def frees_host(self) -> int:
+        """MiB of host RAM that evicting this model gives back: negative when parking it moves
+        its weights into host memory."""
+        kept = self.parked_host_mib if self.parked_gpus is not None else 0
+        return self.host_mib - kept
 
     def frees(self, index: int) -> int:
         """MiB that evicting this model gives back on card `index`."""
@@ -189,6 +215,7 @@ def need_for_profile(profile: Profile, estimate: Estimate | None) -> ModelNeed:
             tensor_parallel=launch.tensor_parallel,
             allowed_gpus=allowed,
             ctx=launch.ctx,
+            threads=launch.threads,
         )
     if estimate is None:
         raise ValueError(f"{profile.name}: no estimate and no placement.vram_mib to place it by")
@@ -208,6 +235,7 @@ def need_for_profile(profile: Profile, estimate: Estimate | None) -> ModelNeed:
         offload=launch.offload,
         allowed_gpus=allowed,
         ctx=launch.ctx,
+        threads=launch.threads,
     )
 
 
@@ -272,6 +300,7 @@ def plan(
     running: Sequence[RunningModel],
     margin_mib: int = DEFAULT_MARGIN_MIB,
     *,
+    host: HostInfo | None = None,
     suggest: bool = True,
 ) -> Plan | NoFit:
     """Where to run `need`, and which idle models to stop first; or why it cannot run now.
@@ -279,7 +308,30 @@ def plan(
     `running` is every model llmd runs now (not including `need` itself). Deterministic: ties
     are broken by explicit keys, ending in card indices and model names. With `suggest`, a
     NoFit names the profile settings that would make it fit now (each tried by planning with it).
+    With `host`, the plan also gives an engine that computes on the CPU its cores and checks
+    host RAM (see `cpu_plan`); without, it places on the cards only.
     """
+    result = _plan_devices(need, gpus, running, margin_mib, suggest=suggest)
+    if host is None or isinstance(result, NoFit):
+        return result
+    placement = result.placement
+    if placement.cpu_only and isinstance(need.tensor_parallel, int) and need.tensor_parallel > 1 \
+            and need.splits_heads and (need.n_head % need.tensor_parallel or need.n_head_kv % need.tensor_parallel):
+        return NoFit(f"cannot place {need.name} on the CPU: tensor_parallel = {need.tensor_parallel} does not "
+                     f"divide the heads ({need.n_head} query, {need.n_head_kv} KV)")
+    side = plan_cpu_side(need, placement, result.evict, running, host)
+    if isinstance(side, str):
+        return NoFit(f"cannot place {need.name}: {side}")
+    reason = "; ".join(part for part in (result.reason, side.note) if part)
+    placement = replace(placement, cpu_cores=side.cpu_cores, host_mib=side.host_mib,
+                        cpu_tensor_parallel=side.cpu_tensor_parallel, reason=reason)
+    return Plan(placement, result.evict + side.evict, reason)
+
+
+def _plan_devices(
+    need: ModelNeed, gpus: Sequence[GpuInfo], running: Sequence[RunningModel], margin_mib: int, *, suggest: bool
+) -> Plan | NoFit:
+    """`plan` on the cards alone."""
     if not gpus:
         reason = "no GPUs in the inventory: running on the CPU"
         return Plan(Placement(gpu_layers=0, ctx=need.ctx, reason=reason), (), reason)
@@ -380,6 +432,8 @@ def _tp_widths(need: ModelNeed, n_cards: int) -> list[int]:
         candidates = [need.tensor_parallel] if need.tensor_parallel <= n_cards else []
     else:
         candidates = []
+    if not need.splits_heads:  # a split by layers (llama.cpp) takes any width
+        return candidates
     return [w for w in candidates if need.n_head % w == 0 and need.n_head_kv % w == 0]
 
 
