@@ -86,14 +86,14 @@ def test_bench_headlines_are_read_again_only_when_their_file_changes(tmp_path: P
     headlines = HeadlineCache()
 
     assert headlines.headline(tmp_path, "tiny") is None and reads == []  # never benched: nothing to read
-    write_bench(tmp_path, "tiny", {"headline": HEADLINE})
+    write_bench(tmp_path, "tiny", {"headline": HEADLINE, "rows": []})
     for _ in range(3):  # the dashboard polling
         assert headlines.headline(tmp_path, "tiny") == HEADLINE
     assert reads == ["tiny"]
 
     # A new result is read, even one of the same size written right after the last.
     newer = HEADLINE.replace("46.1", "47.2")
-    write_bench(tmp_path, "tiny", {"headline": newer})
+    write_bench(tmp_path, "tiny", {"headline": newer, "rows": []})
     assert headlines.headline(tmp_path, "tiny") == newer and reads == ["tiny", "tiny"]
 
     bench_path(tmp_path, "tiny").unlink()
@@ -334,7 +334,7 @@ def test_the_dashboard_in_chromium(make_daemon, tiny_gguf: Path, tmp_path: Path,
         make_daemon, {"tiny": _tiny(tiny_gguf, vram_mib=1200), "spare": _tiny(tiny_gguf, vram_mib=600)},
         extra_config=f'[gpus]\nsimulate = "{sim}"\nmargin_mib = 0\n',
     )
-    write_bench(daemon.state_dir, "tiny", {"headline": HEADLINE})
+    write_bench(daemon.state_dir, "tiny", {"headline": HEADLINE, "rows": []})
     daemon.start()
 
     context = browser.new_context()

@@ -113,3 +113,54 @@ def test_sigkill_of_api_server_leaves_no_orphans(make_daemon, vllm_command: list
     # the new engine is a new group).
     wait_until(lambda: not _group(pgid), timeout=60, what="llmd to stop the dead engine's VLLM::EngineCore and VLLM::Worker")
     wait_until(lambda: "exited unexpectedly" in daemon.log(), timeout=30, what="llmd to log the crash")
+
+
+def _workers(state_dir: Path) -> list[psutil.Process]:
+    """vLLM's tensor-parallel CPU workers among the daemon's engine processes."""
+    found = []
+    for proc in engine_processes(state_dir):
+        try:
+            if proc.name().startswith("VLLM::Worker_TP"):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_tensor_parallel_on_the_cpu_runs_two_workers_that_leave_nothing_behind(  # type: ignore[no-untyped-def]
+    make_daemon, vllm_command: list[str], tiny_hf_dir: Path,
+) -> None:
+    """`tensor_parallel = 2` on the CPU: two real CPU workers with the cores split between them
+    answer a chat; an unload, and a SIGKILL of the daemon, leave no process."""
+    config = f"[engines.vllm]\ncommand = {json.dumps(vllm_command)}\n"
+    body = f"""\
+        engine = "vllm"
+        [model]
+        path = "{tiny_hf_dir}"
+        [launch]
+        ctx = 512
+        tensor_parallel = 2
+        extra_args = {json.dumps(EXTRA_ARGS)}
+        """
+    daemon = make_daemon({"tp": body}, extra_config=config)
+    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=START_TIMEOUT)
+    every = sorted(os.sched_getaffinity(0))
+
+    for round_ in ("unload", "sigkill"):
+        daemon.llmctl("load", "tp", timeout=START_TIMEOUT)
+        (row,) = daemon.ps()
+        argv = row["argv"]
+        assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+        assert row["cpu_cores"] == every and "2 CPU workers" in row["placement"]
+        assert len(wait_until(lambda: len(_workers(daemon.state_dir)) >= 2 and _workers(daemon.state_dir),
+                              timeout=30, what="two VLLM::Worker_TP processes")) == 2
+        reply = client.chat.completions.create(
+            model="tp", messages=[{"role": "user", "content": "hello"}], max_tokens=4, extra_body={"ignore_eos": True},
+        )
+        assert reply.usage.completion_tokens == 4
+        if round_ == "unload":
+            assert "unloaded" in daemon.llmctl("unload", "tp").stdout
+        else:
+            daemon.stop(signal.SIGKILL)
+        wait_until(lambda: not engine_processes(daemon.state_dir), timeout=120,
+                   what=f"every vLLM process to exit after the {round_}")

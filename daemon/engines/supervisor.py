@@ -27,6 +27,7 @@ from llmd.drivers.base import LaunchSpec
 from llmd.daemon.util import loopback
 from llmd.daemon.util.log_tail import read_tail
 from llmd.daemon.errors import EngineStartError
+from llmd.daemon.engines.reaper import Reaper, reaper_for
 from llmd.daemon.engines.engine_env import engine_environment
 from llmd.daemon.util.redact import mask_argv
 from llmd.daemon.util.rotating_log import LogLimits, RotatingLog, copy_into
@@ -207,6 +208,8 @@ class EngineProcess:
     popen: subprocess.Popen[bytes]
     started_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
+    # Stops what is left of the engine's group should llmd die (see `reaper`).
+    reaper: Reaper | None = None
 
     @property
     def pid(self) -> int:
@@ -288,6 +291,7 @@ class EngineProcess:
             log.warning("engine %s (pgid %d) ignored SIGTERM for %.0fs; killed", self.name, pgid, grace)
         with anyio.move_on_after(5):
             await self.wait_exit()
+        self._forget_group()
         return self.popen.returncode
 
     def kill_now(self) -> None:
@@ -297,6 +301,12 @@ class EngineProcess:
             self.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        self._forget_group()
+
+    def _forget_group(self) -> None:
+        """Tell the reaper the group is gone; one that lingers stays its to stop."""
+        if self.reaper is not None and not group_alive(self.pid):
+            self.reaper.forget(self.pid)
 
 
 # Set in every engine's environment, so a process left behind can be traced to its daemon.
@@ -337,7 +347,10 @@ def spawn_engine(
         finally:
             os.close(write_end)  # the engine holds it now: the pipe ends when the engine's side closes
         copy_into(read_end, target, name)
-    return EngineProcess(name=name, argv=list(spec.argv), port=port, log_path=log_path, popen=popen)
+    # The kernel kills the engine with llmd; the reaper kills what the engine started.
+    reaper = reaper_for(OWNER_ENV, owner)
+    reaper.watch(popen.pid)
+    return EngineProcess(name=name, argv=list(spec.argv), port=port, log_path=log_path, popen=popen, reaper=reaper)
 
 
 def _popen(name: str, spec: LaunchSpec, env: dict[str, str], output: int,
