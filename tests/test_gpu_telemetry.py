@@ -358,11 +358,13 @@ def _fake_nvidia_smi(bin_dir: Path, csv_text: str | None) -> None:
     script.chmod(0o755)
 
 
-def _gpu_check(bin_dir: Path, snapshot: Path | None = None) -> Any:
+def _gpu_check(bin_dir: Path, snapshot: Path | None = None, *, path: str | None = None, engine: str = "skip") -> Any:
+    """Run the script with the stand-in nvidia-smi in `bin_dir` first on PATH; its engine step
+    (a CUDA build) is left out unless `engine` is ""."""
     import os
     import subprocess
 
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{path or os.environ['PATH']}", "LLMD_GPU_CHECK_ENGINE": engine}
     if snapshot is not None:
         env["LLMD_GPU_CHECK_SIMULATE"] = str(snapshot)
     return subprocess.run([str(GPU_CHECK)], capture_output=True, text=True, env=env, timeout=120)
@@ -414,3 +416,73 @@ def test_gpu_check_compares_memory_totals(tmp_path: Path) -> None:
     assert "DIFF  GPU 1 (NVIDIA T400, GPU-bbb): memory total 4000 MiB in llmd, 4096 MiB in nvidia-smi" in differ.stdout
     assert "DIFF  GPU-ccc: llmd sees GPU 2 (Ghost), nvidia-smi does not" in differ.stdout
     assert "2 mismatch(es)" in differ.stdout
+
+
+def test_gpu_check_engine_step_without_a_cuda_toolchain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a host with cards but no nvcc, the engine step says it has nothing to build with and
+    the check still passes, in one go."""
+    import shutil
+
+    path = "/usr/bin:/bin"
+    if shutil.which("nvcc", path=path):
+        pytest.skip("this host has nvcc in /usr/bin: the step would build an engine")
+    # Not the toolkit's usual places either (/usr/local/cuda/bin/nvcc may exist on a build host).
+    monkeypatch.setenv("LLMD_GPU_CHECK_NVCC_CANDIDATES", str(tmp_path / "no-nvcc"))
+    cards = [{"name": "NVIDIA GeForce RTX 4090", "uuid": "GPU-aaa", "total_mib": 24564, "free_mib": 23364},
+             {"name": "NVIDIA T400", "uuid": "GPU-bbb", "total_mib": 4096, "free_mib": 4000}]
+    _fake_nvidia_smi(tmp_path / "bin", SMI_CSV)
+    result = _gpu_check(tmp_path / "bin", _snapshot_file(tmp_path, {"gpus": cards}), path=path, engine="")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "== a CUDA llama-server on GPU 0" in result.stdout
+    assert "no CUDA toolchain (nvcc) on this host: skipping the engine check" in result.stdout
+
+
+# ----- the engine step's report (llmd.daemon.diagnostics.engine_vs_estimate) -----
+
+ENGINE_LOG = """\
+===== llmd: starting wide at 2026-12-06 10:00:00: [...]
+load_tensors:        CUDA0 model buffer size =    99.00 MiB
+===== llmd: starting wide at 2026-12-06 10:01:00: [...]
+load_tensors:   CPU_Mapped model buffer size =     4.00 MiB
+load_tensors:        CUDA0 model buffer size =    41.00 MiB
+llama_kv_cache:      CUDA0 KV buffer size =    64.00 MiB
+sched_reserve:       CUDA0 compute buffer size =    30.50 MiB
+sched_reserve:   CUDA_Host compute buffer size =     9.00 MiB
+sched_reserve:       CUDA0 compute buffer size =    31.00 MiB
+"""
+PLAN = {"fits": True, "gpus": [{"index": 0, "uuid": "GPU-aaa", "vram_mib": 560}],
+        "estimate": {"weights_mib": 45.0, "kv_mib": 64.0, "compute_mib": 40.0, "gpu_overhead_mib": 400}}
+
+
+def test_the_engines_own_buffers_are_read_per_device() -> None:
+    from llmd.daemon.diagnostics.engine_vs_estimate import engine_buffers
+
+    buffers = engine_buffers(ENGINE_LOG.splitlines()[2:])
+    assert buffers.card == {"weights": 41.0, "kv": 64.0, "compute": 31.0}  # the last figure of a buffer
+    assert buffers.host == {"weights": 4.0, "kv": 0.0, "compute": 9.0}
+    assert buffers.card_total == 136.0
+
+
+def test_the_report_flags_an_engine_holding_more_than_planned(tmp_path: Path) -> None:
+    from llmd.daemon.diagnostics.engine_vs_estimate import main
+
+    plan, log = tmp_path / "plan.json", tmp_path / "wide.log"
+    plan.write_text(json.dumps(PLAN))
+    log.write_text(ENGINE_LOG)
+    assert main([str(plan), str(log), "530"]) == 0  # the last start only: 41 MiB of weights, not 99
+    assert main([str(plan), str(log), "600"]) == 1
+    assert main([str(plan), str(log)]) == 0  # without nvidia-smi's figure: the buffers against the plan
+    log.write_text("no buffer lines at this verbosity\n")
+    assert main([str(plan), str(log), "530"]) == 1
+
+
+def test_the_report_reads_well(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from llmd.daemon.diagnostics.engine_vs_estimate import main
+
+    (tmp_path / "plan.json").write_text(json.dumps(PLAN))
+    (tmp_path / "wide.log").write_text(ENGINE_LOG)
+    main([str(tmp_path / "plan.json"), str(tmp_path / "wide.log"), "600"])
+    out = capsys.readouterr().out
+    assert ["weights", "45.0", "MiB", "41.0", "MiB", "4.0", "MiB"] in [line.split() for line in out.splitlines()]
+    assert "planned on GPU0: 560 MiB; the engine's buffers there: 136.0 MiB; its process holds 600 MiB" in out
+    assert "UNDER llmd planned less than the engine holds (-40 MiB)" in out
