@@ -38,18 +38,16 @@ from llmd.daemon.http.anthropic_translate import (
 from llmd.daemon.http.engine_routes import (
     JSON_HEADERS,
     EngineReply,
+    EngineRouteEndpoint,
     ModelRequest,
     Refused,
     call_engine,
     forwarded_headers,
-    read_model_request,
     route_not_served,
     serves_natively,
 )
-from llmd.daemon.http.error_status import failure_message
 from llmd.daemon.http.metrics import engine_figures
-from llmd.daemon.http.openai_errors import CLIENT_GONE
-from llmd.daemon.http.proxy import ClientApi, Proxy, _ClientGone, _unless_disconnected
+from llmd.daemon.http.proxy import ClientApi, Proxy, stream_while_connected
 from llmd.daemon.http.upstream import UpstreamError
 from llmd.drivers.base import ANTHROPIC_COUNT_TOKENS
 
@@ -62,36 +60,18 @@ _OPENINGS = (_MESSAGE_START, b"event: error")
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
-class AnthropicEndpoint:
-    """The ASGI endpoint of Anthropic's routes. Like the proxy's own, it is reached before
-    Starlette's router and middleware, so it answers its own failures."""
+class AnthropicEndpoint(EngineRouteEndpoint):
+    """The ASGI endpoint of Anthropic's routes; it answers its own failures, in Anthropic's shape."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    error = staticmethod(anthropic_error)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            response = await self.answer(scope, receive)
-        except Exception:
-            log.exception("llmd failed on %s %s", scope["method"], scope["path"])
-            response = anthropic_error(500, failure_message(scope["method"], scope["path"]))
-        await response(scope, receive, send)
-
-    async def answer(self, scope: Scope, receive: Receive) -> Response:
+    def work(self, scope: Scope, request: ModelRequest) -> Callable[[], Awaitable[Response]]:
         path = scope["path"]
-        try:
-            request = await read_model_request(self.proxy, scope, receive, anthropic_error)
-            if serves_natively(self.proxy, request.engine, path):
-                work: Callable[[], Awaitable[Response]] = partial(self._native, scope, request)
-            elif path == ANTHROPIC_COUNT_TOKENS:
-                return route_not_served(anthropic_error, request, path, "a reply's `usage` counts the tokens of its request")
-            else:
-                work = self._translation(scope, request)
-            return await _unless_disconnected(scope, receive, work)
-        except Refused as refusal:
-            return refusal.reply
-        except _ClientGone:
-            return Response(status_code=CLIENT_GONE)
+        if serves_natively(self.proxy, request.engine, path):
+            return partial(self._native, scope, request)
+        if path == ANTHROPIC_COUNT_TOKENS:
+            raise Refused(route_not_served(anthropic_error, request, path, "a reply's `usage` counts the tokens of its request"))
+        return self._translation(scope, request)
 
     async def _native(self, scope: Scope, request: ModelRequest) -> Response:
         """The request as it came, to an engine that serves the route itself."""
@@ -152,12 +132,8 @@ class _EngineStream(Response):
         return stream_error(502, f"engine for {self._reply.model!r} broke off the stream")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await _unless_disconnected(scope, receive, lambda: self._relay(scope, send))
-        except _ClientGone:
-            pass
-        finally:
-            self._reply.done()  # never waits: a cancelled request still closes the engine's reply
+        # `done` never waits: a cancelled request still closes the engine's reply.
+        await stream_while_connected(scope, receive, lambda: self._relay(scope, send), self._reply.done)
 
 
 class NativeStream(_EngineStream):

@@ -10,20 +10,34 @@ relaying a reply), which does the same for OpenAI's routes.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from starlette.responses import Response
-from starlette.types import Receive, Scope
+from starlette.types import Receive, Scope, Send
 
 from llmd.daemon.errors import LlmdError, UnknownModelError
-from llmd.daemon.http.error_status import status_of
+from llmd.daemon.http.error_status import failure_message, status_of
 from llmd.daemon.http.metrics import ASKED_MODEL_KEY, name_model
 from llmd.daemon.http.openai_errors import CLIENT_GONE
-from llmd.daemon.http.proxy import BadRequest, Proxy, RelayResponse, _forward_headers, _Relayed, parse_request, relayed_headers
+from llmd.daemon.http.proxy import (
+    BadRequest,
+    Proxy,
+    RelayResponse,
+    _ClientGone,
+    _forward_headers,
+    _Relayed,
+    _unless_disconnected,
+    parse_request,
+    relayed_headers,
+)
 from llmd.daemon.http.upstream import Headers, UpstreamError, find_header
 from llmd.daemon.http.upstream import Response as UpstreamResponse
 from llmd.drivers.base import native_routes
+
+log = logging.getLogger(__name__)
 
 
 class ErrorReply(Protocol):
@@ -171,3 +185,36 @@ def route_not_served(error: ErrorReply, request: ModelRequest, route: str, inste
     )
     return error(404, message, code="route_not_served")
 
+
+
+class EngineRouteEndpoint:
+    """The ASGI endpoint of one API's routes to the engines. Like the proxy's own, it is reached
+    before Starlette's router and middleware, so it answers its own failures, in its API's shape
+    (`error`). A subclass says what answering a request takes (`work`)."""
+
+    error: ErrorReply
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await self.answer(scope, receive)
+        except Exception:
+            log.exception("llmd failed on %s %s", scope["method"], scope["path"])
+            response = self.error(500, failure_message(scope["method"], scope["path"]))
+        await response(scope, receive, send)
+
+    async def answer(self, scope: Scope, receive: Receive) -> Response:
+        try:
+            request = await read_model_request(self.proxy, scope, receive, self.error)
+            return await _unless_disconnected(scope, receive, self.work(scope, request))
+        except Refused as refusal:
+            return refusal.reply
+        except _ClientGone:
+            return Response(status_code=CLIENT_GONE)
+
+    def work(self, scope: Scope, request: ModelRequest) -> Callable[[], Awaitable[Response]]:
+        """The work of answering `request`, cancelled if the client leaves; Refused for a request
+        answered at once (one the model's engine cannot serve)."""
+        raise NotImplementedError

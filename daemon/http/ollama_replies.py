@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from llmd.daemon.http.openai_errors import error_message
+
 # finish_reason as Ollama's done_reason: it knows "stop" and "length" (a tool call is a "stop").
 _DONE_REASONS = {"length": "length"}
 
@@ -204,16 +206,7 @@ def embeddings_reply(engine: dict[str, Any]) -> dict[str, Any]:
 
 def engine_error(status: int, body: bytes) -> str:
     """The message of an engine's error reply, whatever its shape."""
-    try:
-        error = json.loads(body).get("error")
-    except (ValueError, AttributeError):
-        error = None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])
-    if isinstance(error, str):
-        return error
-    text = body.decode(errors="replace").strip()[:300]
-    return f"the engine answered HTTP {status}: {text}" if text else f"the engine answered HTTP {status}"
+    return error_message(status, body, unstated=f"the engine answered HTTP {status}")
 
 
 # ----- streamed replies -----

@@ -58,9 +58,10 @@ def llmd_error_response(error: LlmdError) -> JSONResponse:
     return error_response(meaning.status, str(error), code=meaning.code, param=param, headers=meaning.headers)
 
 
-def error_message(status: int, body: bytes) -> str:
-    """The message of an error reply from llmd: `{"error": "..."}` (management API) or
-    `{"error": {"message": "..."}}` (OpenAI's shape, the proxy); never raises."""
+def error_message(status: int, body: bytes, *, unstated: str | None = None) -> str:
+    """The message of an error reply from llmd or an engine: `{"error": "..."}` (management API)
+    or `{"error": {"message": "..."}}` (OpenAI's shape, the proxy); never raises. A body in
+    neither shape gives `unstated` (by default "HTTP <status>") and the start of its text."""
     try:
         error = json.loads(body).get("error")
     except (ValueError, AttributeError):
@@ -69,5 +70,6 @@ def error_message(status: int, body: bytes) -> str:
         return str(error["message"])
     if isinstance(error, str):
         return error
+    heading = f"HTTP {status}" if unstated is None else unstated
     text = body.decode(errors="replace").strip()[:300]
-    return f"HTTP {status}: {text}" if text else f"HTTP {status}"
+    return f"{heading}: {text}" if text else heading

@@ -285,6 +285,21 @@ async def _unless_disconnected(scope: Scope, receive: Receive, work: Callable[[]
     return result
 
 
+async def stream_while_connected(
+    scope: Scope, receive: Receive, relay: Callable[[], Awaitable[None]], close: Callable[[], None]
+) -> None:
+    """A streamed reply: `relay()` sends it, stopped if the client disconnects; `close()` then runs
+    whatever ended it (done, client gone, engine gone)."""
+    try:
+        # The server's `send` does not fail once the client is gone: the disconnect stops
+        # the relay, and so the generation, at once.
+        await _unless_disconnected(scope, receive, relay)
+    except _ClientGone:
+        pass
+    finally:
+        close()
+
+
 def _stream_error(name: str) -> bytes:
     message = json.dumps({"error": {"message": f"engine for {name!r} broke off the stream", "type": "upstream_error"}})
     return f"data: {message}\n\n".encode()
@@ -347,14 +362,7 @@ class RelayResponse(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            # The server's `send` does not fail once the client is gone: the disconnect stops
-            # the relay, and so the generation, at once.
-            await _unless_disconnected(scope, receive, lambda: self._relay(scope, send))
-        except _ClientGone:
-            pass
-        finally:
-            self._close_upstream()
+        await stream_while_connected(scope, receive, lambda: self._relay(scope, send), self._close_upstream)
 
 
 class _Relayed(Response):

@@ -5,53 +5,35 @@ so for other engines the answer is a 404 that names the engine."""
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Scope
 
 from llmd.daemon.http.engine_routes import (
+    EngineRouteEndpoint,
     ModelRequest,
     Refused,
     call_engine,
     forwarded_headers,
-    read_model_request,
     route_not_served,
     serves_natively,
 )
-from llmd.daemon.http.error_status import failure_message
-from llmd.daemon.http.openai_errors import CLIENT_GONE, error_response
-from llmd.daemon.http.proxy import ClientApi, Proxy, _ClientGone, _unless_disconnected
+from llmd.daemon.http.openai_errors import error_response
+from llmd.daemon.http.proxy import ClientApi, Proxy
 from llmd.drivers.base import OPENAI_RESPONSES
 
-log = logging.getLogger(__name__)
 
-
-class ResponsesEndpoint:
+class ResponsesEndpoint(EngineRouteEndpoint):
     """The ASGI endpoint of `POST /v1/responses`; it answers its own failures, in OpenAI's shape."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    error = staticmethod(error_response)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            response = await self.answer(scope, receive)
-        except Exception:
-            log.exception("llmd failed on %s %s", scope["method"], scope["path"])
-            response = error_response(500, failure_message(scope["method"], scope["path"]))
-        await response(scope, receive, send)
-
-    async def answer(self, scope: Scope, receive: Receive) -> Response:
-        try:
-            request = await read_model_request(self.proxy, scope, receive, error_response)
-            if not serves_natively(self.proxy, request.engine, OPENAI_RESPONSES):
-                return route_not_served(error_response, request, OPENAI_RESPONSES, "use POST /v1/chat/completions")
-            return await _unless_disconnected(scope, receive, partial(self._pass, scope, request))
-        except Refused as refusal:
-            return refusal.reply
-        except _ClientGone:
-            return Response(status_code=CLIENT_GONE)
+    def work(self, scope: Scope, request: ModelRequest) -> Callable[[], Awaitable[Response]]:
+        if not serves_natively(self.proxy, request.engine, OPENAI_RESPONSES):
+            raise Refused(route_not_served(error_response, request, OPENAI_RESPONSES, "use POST /v1/chat/completions"))
+        return partial(self._pass, scope, request)
 
     async def _pass(self, scope: Scope, request: ModelRequest) -> Response:
         reply = await call_engine(self.proxy, request.model, OPENAI_RESPONSES, forwarded_headers(scope), request.body, error_response)
