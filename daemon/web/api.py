@@ -26,7 +26,7 @@ from llmd.daemon.util.log_lines import DEFAULT_LOG_LINES, LOG_ABSENT_HEADER, MAX
 from llmd.daemon.util.log_tail import read_tail
 from llmd.daemon.util.rotating_log import LogFollower, rotated
 from llmd.daemon.manager.core import Manager
-from llmd.daemon.manager.state import Load, State
+from llmd.daemon.manager.state import Job, Load, State
 from llmd.daemon.manager.reload import reload_profiles
 from llmd.daemon.util.shutdown import Shutdown
 
@@ -65,6 +65,16 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def _ndjson(event: dict[str, Any]) -> bytes:
     return (json.dumps(event) + "\n").encode()
+
+
+async def _while_running(job: Job) -> AsyncIterator[None]:
+    """A tick every PROGRESS_SECONDS while `job` runs, for a progress event; ends as soon as
+    the job is done, without a last tick."""
+    while not job.done.is_set():
+        with anyio.move_on_after(PROGRESS_SECONDS):
+            await job.done.wait()
+        if not job.done.is_set():
+            yield
 
 
 class ManagementApi:
@@ -142,11 +152,7 @@ class ManagementApi:
 
         async def events() -> AsyncIterator[bytes]:
             started = time.monotonic()
-            while not job.done.is_set():
-                with anyio.move_on_after(PROGRESS_SECONDS):
-                    await job.done.wait()
-                if job.done.is_set():
-                    break
+            async for _ in _while_running(job):
                 message, last_line = self.manager.load_report(inst)
                 yield _ndjson({
                     "event": "progress",
@@ -178,11 +184,8 @@ class ManagementApi:
         inst = self.manager.instance(name)
 
         async def events() -> AsyncIterator[bytes]:
-            while not job.done.is_set():
-                with anyio.move_on_after(PROGRESS_SECONDS):
-                    await job.done.wait()
-                if not job.done.is_set():
-                    yield _ndjson({"event": "progress", "model": name, "message": inst.progress})
+            async for _ in _while_running(job):
+                yield _ndjson({"event": "progress", "model": name, "message": inst.progress})
             if job.error is not None:
                 yield _ndjson({"event": "error", "model": name, "message": str(job.error)})
             else:
@@ -216,11 +219,8 @@ class ManagementApi:
         job = self.manager.run_job(preview)
 
         async def events() -> AsyncIterator[bytes]:
-            while not job.done.is_set():
-                with anyio.move_on_after(PROGRESS_SECONDS):
-                    await job.done.wait()
-                if not job.done.is_set():
-                    yield _ndjson({"event": "progress", "model": name, "message": news.text})
+            async for _ in _while_running(job):
+                yield _ndjson({"event": "progress", "model": name, "message": news.text})
             if job.error is not None or "plan" not in made:
                 yield _ndjson({"event": "error", "model": name, "message": str(job.error or "planning was cancelled")})
             else:
