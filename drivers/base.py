@@ -28,6 +28,16 @@ class GpuShare:
     # The card's whole memory, when the scheduler knows it (0: unknown). Engines that size
     # themselves as a fraction of the card (vLLM's --gpu-memory-utilization) need it.
     total_mib: int = 0
+    # Set for a device on another machine, reached over llama.cpp's RPC: its "HOST:PORT".
+    # Only drivers with `supports_rpc_devices` get such shares.
+    endpoint: str = ""
+    # The model's layers planned on this device, the output layer counted as one (llama.cpp's
+    # `-ngl` counts it so); 0: the plan does not say, and the engine splits by `vram_mib`.
+    layers: int = 0
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.endpoint)
 
 
 @dataclass(frozen=True)
@@ -80,8 +90,13 @@ class Placement:
         return {share.index: share.vram_mib for share in self.gpus}
 
     def cuda_visible_devices(self) -> str:
-        """By UUID, so a placement survives NVML and CUDA disagreeing on the order of cards."""
-        return ",".join(share.uuid for share in self.gpus)
+        """By UUID, so a placement survives NVML and CUDA disagreeing on the order of cards.
+        Only this machine's cards: RPC devices are reached through their endpoints."""
+        return ",".join(share.uuid for share in self.gpus if not share.remote)
+
+    def rpc_endpoints(self) -> list[str]:
+        """The endpoints of the placement's RPC devices, in placement order."""
+        return [share.endpoint for share in self.gpus if share.remote]
 
 
 def split_cores(cores: tuple[int, ...], parts: int) -> list[tuple[int, ...]]:
@@ -118,6 +133,26 @@ def cpu_list(cores: tuple[int, ...] | list[int]) -> str:
 def cpu_mask(cores: tuple[int, ...] | list[int]) -> str:
     """Cores as a hexadecimal affinity mask without "0x" (llama.cpp's --cpu-mask)."""
     return format(sum(1 << core for core in set(cores)), "x")
+
+
+# The `DeviceAllocation.index` of host memory.
+HOST_MEMORY = -1
+
+
+@dataclass(frozen=True)
+class DeviceAllocation:
+    """What an engine reported allocating on one device of its placement, in MiB: weights,
+    KV cache (with any recurrent state) and compute buffers. `index` is the share's (the
+    inventory's) index; `HOST_MEMORY` stands for host memory."""
+
+    index: int
+    model_mib: float = 0.0
+    kv_mib: float = 0.0
+    compute_mib: float = 0.0
+
+    @property
+    def total_mib(self) -> float:
+        return self.model_mib + self.kv_mib + self.compute_mib
 
 
 @dataclass(frozen=True)
@@ -235,6 +270,11 @@ class Driver(Protocol):
     A driver may also declare `native_routes`, the client API routes its engine serves itself
     (see `NATIVE_ROUTES`). It is optional too: read it through `native_routes(driver)`.
 
+    A driver whose engine can use devices on other machines over llama.cpp's RPC (`[[gpus.rpc]]`)
+    sets `supports_rpc_devices = True`; only such drivers get placements with RPC devices (shares
+    with an `endpoint`), and each share then says how many layers go there (`GpuShare.layers`).
+    Read it through `uses_rpc_devices(driver)`.
+
     How an engine uses devices, for the scheduler: `tensor_parallel_splits_heads` (see
     `splits_heads`) and `offload_computes_on_cpu` (see `offload_computes_on_cpu`), both optional.
     An engine that computes on the CPU gets `placement.cpu_cores`, and should start as many
@@ -268,6 +308,31 @@ class ReportsLoadProgress(Protocol):
         cheap and must not raise.
         """
         ...
+
+
+@runtime_checkable
+class ReportsAllocations(Protocol):
+    """The optional part of a driver whose engine logs what it allocated on each device."""
+
+    def allocations(self, log_lines: list[str], placement: Placement) -> list[DeviceAllocation]:
+        """What the engine allocated on each device of `placement`, read from the log lines it
+        wrote while starting (this launch's only), host memory under `HOST_MEMORY`; empty when the
+        log does not say. It must not raise."""
+        ...
+
+
+def engine_allocations(driver: Driver, log_lines: list[str], placement: Placement) -> list[DeviceAllocation]:
+    """`driver.allocations(...)` when the driver has it, else nothing. A driver's bug here is
+    logged and treated as "the engine did not say": it must never fail a load."""
+    method = getattr(driver, "allocations", None)
+    if method is None:
+        return []
+    try:
+        found = method(log_lines, placement)
+    except Exception:  # a report is a measurement: never let it break a load
+        log.exception("driver %r: allocations failed", getattr(driver, "name", driver))
+        return []
+    return [item for item in found if isinstance(item, DeviceAllocation)] if isinstance(found, list) else []
 
 
 def load_progress(driver: Driver, log_line: str) -> str | None:
@@ -312,6 +377,12 @@ def native_routes(driver: Driver) -> frozenset[str]:
     if not isinstance(declared, set | frozenset | tuple | list):
         return frozenset()
     return frozenset(route for route in declared if route in NATIVE_ROUTES)
+
+
+def uses_rpc_devices(driver: Driver) -> bool:
+    """Whether `driver`'s engine can run layers on devices of other machines over llama.cpp's
+    RPC (its `supports_rpc_devices`); False for a driver that does not say."""
+    return getattr(driver, "supports_rpc_devices", False) is True
 
 
 def splits_heads(driver: Driver) -> bool:

@@ -8,8 +8,9 @@ behind the scheduler's back.
 from __future__ import annotations
 
 from .base import ANTHROPIC_COUNT_TOKENS, ANTHROPIC_MESSAGES, OPENAI_RESPONSES, LaunchRequest, LaunchSpec, Placement, Readiness
-from .base import KvPersistence, cpu_mask
+from .base import DeviceAllocation, KvPersistence, cpu_mask
 from .hookspecs import hookimpl
+from .llama_cpp_report import buffer_allocations
 
 # More layers than any model has: "all layers on the GPU".
 ALL_LAYERS = 999
@@ -21,11 +22,46 @@ def placement_args(placement: Placement) -> list[str]:
         return ["-ngl", "0"]
     layers = ALL_LAYERS if placement.gpu_layers is None else placement.gpu_layers
     args = ["-ngl", str(layers)]
+    endpoints = placement.rpc_endpoints()
+    if endpoints:
+        # `--device` lists the devices to use, in placement order: the split follows it.
+        args += ["--rpc", ",".join(endpoints), "--device", ",".join(device_names(placement))]
     if len(placement.gpus) > 1:
-        args += ["--split-mode", "layer", "--tensor-split", ",".join(str(s.vram_mib) for s in placement.gpus)]
+        args += ["--split-mode", "layer", "--tensor-split", ",".join(str(share) for share in split_shares(placement))]
     if placement.cpu_moe_layers:
         args += ["--n-cpu-moe", str(placement.cpu_moe_layers)]
     return args
+
+
+def device_names(placement: Placement) -> list[str]:
+    """The placement's devices as llama-server names them: this machine's cards `CUDA0`,
+    `CUDA1`... in the order of CUDA_VISIBLE_DEVICES (the placement's), RPC devices `RPC0`,
+    `RPC1`... in the order of `--rpc`, each RPC server serving one device."""
+    names = []
+    local = remote = 0
+    for share in placement.gpus:
+        if share.remote:
+            names.append(f"RPC{remote}")
+            remote += 1
+        else:
+            names.append(f"CUDA{local}")
+            local += 1
+    return names
+
+
+def split_shares(placement: Placement) -> list[int]:
+    """`--tensor-split` proportions: the layers planned on each device when the plan says
+    (llama.cpp then gives each device exactly that many, counting the output layer as one),
+    else the memory planned on each."""
+    if all(share.layers > 0 for share in placement.gpus):
+        return [share.layers for share in placement.gpus]
+    return [share.vram_mib for share in placement.gpus]
+
+
+# Verbosity 4 logs, besides the defaults, what the engine allocated on each device (its
+# `model`, `KV` and `compute buffer size` lines, read by `llama_cpp_report`) and a
+# few lines per request; per-token output starts at 5.
+REPORT_VERBOSITY = ["-lv", "4"]
 
 
 def cpu_args(placement: Placement) -> list[str]:
@@ -59,6 +95,8 @@ class LlamaCppDriver:
     # head counts. The layers it keeps in host memory it computes on the CPU.
     tensor_parallel_splits_heads = False
     offload_computes_on_cpu = True
+    # `--rpc HOST:PORT,...` with `--device` puts layers on other machines' devices.
+    supports_rpc_devices = True
 
     def launch(self, request: LaunchRequest) -> LaunchSpec:
         launch = request.profile.launch
@@ -73,6 +111,7 @@ class LlamaCppDriver:
             "--cache-type-k", launch.cache_type,
             "--cache-type-v", launch.cache_type,
             "--fit", "off",
+            *REPORT_VERBOSITY,
             *placement_args(placement),
             *cpu_args(placement),
             *(["--embeddings"] if launch.embeddings else []),
@@ -87,6 +126,10 @@ class LlamaCppDriver:
         env["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices()
         kv = KvPersistence(directory=request.kv_dir, slots=launch.parallel) if request.kv_dir is not None else None
         return LaunchSpec(argv=argv, env=env, readiness=Readiness(path="/health"), kv=kv)
+
+    def allocations(self, log_lines: list[str], placement: Placement) -> list[DeviceAllocation]:
+        """What llama-server logged allocating on each device (see `llama_cpp_report`)."""
+        return buffer_allocations(log_lines, placement)
 
     def load_progress(self, log_line: str) -> str | None:
         """The loading phase a llama-server log line marks, or None.

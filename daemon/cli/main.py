@@ -274,14 +274,28 @@ def gpus(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(report["note"])
     rows = [
-        [str(g["index"]), g["name"], format_mib(g["used_mib"]), format_mib(g["free_mib"]), format_mib(g["total_mib"]),
+        [str(g["index"]), _gpu_name(g), format_mib(g["used_mib"]), format_mib(g["free_mib"]), format_mib(g["total_mib"]),
          ", ".join(f"{m['model']} {format_mib(m['vram_mib'])}" for m in g["models"]) or "-",
          format_mib(g["foreign_mib"]) if g["foreign_mib"] else "-"]
         for g in report["gpus"]
     ]
     if rows:
         click.echo(_table(rows, ["gpu", "name", "used", "free", "total", "llmd models", "others"]))
+    for g in report["gpus"]:
+        if g.get("endpoint") and not g.get("reachable", True):
+            click.echo(f"\nGPU {g['index']} (RPC {g['endpoint']}) does not answer: {g.get('status') or 'unreachable'}; "
+                       "nothing is placed on it until it does", err=True)
     _echo_gpu_telemetry(report["gpus"])
+
+
+def _gpu_name(card: dict[str, Any]) -> str:
+    """A card's name; a device of another machine with its endpoint, and "unreachable" while
+    it does not answer."""
+    endpoint = card.get("endpoint")
+    if not endpoint:
+        return str(card["name"])
+    name = card["name"] if card["name"] == endpoint else f"{card['name']} {endpoint}"
+    return f"{name} (rpc{'' if card.get('reachable', True) else ', unreachable'})"
 
 
 def _echo_gpu_telemetry(cards: list[dict[str, Any]]) -> None:

@@ -30,6 +30,7 @@ from llmd.daemon.manager.loading import Loader
 from llmd.daemon.manager.parking import Parking
 from llmd.daemon.manager.profile_changes import Change, aliases_reach_engine, classify
 from llmd.daemon.manager.state import MAX_ATTEMPTS, Instance, Job, Load, State, backoff_seconds, close_client, engine_log_path
+from llmd.daemon.manager.remote_devices import RemoteDeviceWatch
 from llmd.daemon.manager.supervision import Supervision
 from llmd.daemon.models.names import unknown_model_message
 from llmd.daemon.models.profiles import Profile, ProfileSet
@@ -47,7 +48,8 @@ class Manager:
         self.drivers = drivers
         self.profiles = profiles
         self.instances: dict[str, Instance] = {}
-        self.planner = Planner(config.gpus.simulate, config.server.state_dir, config.gpus.margin_mib, drivers)
+        self.planner = Planner(config.gpus.simulate, config.server.state_dir, config.gpus.margin_mib, drivers,
+                               rpc_devices=config.gpus.rpc)
         self.ledger = PidLedger(config.server.state_dir / "engines.json")
         self.metrics = Metrics(config.metrics.enabled, models=self.status, gpus=self.gpu_report, cards_of=self.model_cards)
         # The parts of the work that have modules of their own; they change `instances` only
@@ -55,6 +57,8 @@ class Manager:
         self.loader = Loader(self)
         self.parking = Parking(self)
         self.supervision = Supervision(self)
+        # Whether each device of another machine answers (`[[gpus.rpc]]`).
+        self.remote_devices = RemoteDeviceWatch(self)
         # Prompt caches kept across stops, for profiles with `[policy] persist_kv`.
         self.kv = KvPersist(self)
         self._tg: anyio.abc.TaskGroup | None = None
@@ -69,6 +73,9 @@ class Manager:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._unload_idle_forever)
+                # The devices of other machines are looked at once before the first load plans.
+                await self.remote_devices.check_all()
+                tg.start_soon(self.remote_devices.watch_forever)
                 task_status.started()
                 await anyio.sleep_forever()
         finally:

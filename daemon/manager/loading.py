@@ -22,6 +22,7 @@ from llmd.daemon.engines.supervisor import EngineProcess, free_port, process_tre
 from llmd.daemon.errors import EngineStartError, LlmdError, NoRoomError
 from llmd.daemon.http.upstream import Pool
 from llmd.daemon.manager.admission import hold_after
+from llmd.daemon.manager.allocations import record_engine_report
 from llmd.daemon.util.rotating_log import LogLimits
 from llmd.daemon.manager.state import ENGINE_HOST, Instance, Load, State, close_client, engine_log_path, looks_like_oom
 from llmd.daemon.models.downloads import DownloadProgress, resolve_cached
@@ -89,6 +90,7 @@ class Loader:
             await self.abandon(inst, load, started, State.STOPPED, "it was unloaded while starting")
         elif load.error is not None:
             inst.failures += 1
+            load.error = await manager.remote_devices.blame(inst, load.error)
             await self.abandon(inst, load, started, State.FAILED, None)
         else:
             engine = started[-1]
@@ -318,6 +320,10 @@ class Loader:
         return False
 
     def _learn_usage(self, inst: Instance, engine: EngineProcess) -> None:
+        if getattr(self.manager.drivers.get(inst.profile.engine), "allocations", None) is not None:
+            # The engine's own report, device by device, is the truth (see `allocations`).
+            self.manager.task_group.start_soon(record_engine_report, self.manager, inst, engine)
+            return
         placement = inst.placement
         if placement is None or placement.cpu_only or placement.gpu_layers is not None or placement.cpu_moe_layers:
             return  # only a whole-model placement gives a total worth reusing

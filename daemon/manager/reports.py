@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from llmd.drivers.base import load_progress
+from llmd.drivers.base import HOST_MEMORY, DeviceAllocation, load_progress
 
 from llmd.daemon.engines.supervisor import process_tree, tail_lines
 from llmd.daemon.manager.admission import limits_for
@@ -56,6 +56,8 @@ def status(manager: Manager) -> list[dict[str, Any]]:
                 "ram_mib": placement.host_mib if placement else 0,
                 "gpu_layers": placement.gpu_layers if placement else None,
                 "cpu_moe_layers": placement.cpu_moe_layers if placement else 0,
+                # Each device's share: planned, and what the engine reported allocating there.
+                "devices": device_shares(manager, inst) if placement and engine else [],
                 "placement": placement.reason if placement else None,
                 "load_s": round(inst.load_seconds, 3) if inst.load_seconds is not None and engine else None,
                 "wake_s": round(inst.wake_seconds, 3) if inst.wake_seconds is not None and engine else None,
@@ -72,6 +74,35 @@ def status(manager: Manager) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def device_shares(manager: Manager, inst: Instance) -> list[dict[str, Any]]:
+    """The model's share of each device of its placement: the MiB and layers planned there, and
+    what its engine reported allocating (weights, KV cache, compute; None until it has said).
+    Host memory the engine reported comes last, as index -1."""
+    assert inst.placement is not None and inst.engine is not None
+    reported = manager.planner.reports.get(inst.name)
+    allocations = {item.index: item for item in reported[1]} if reported and reported[0] == inst.engine.pid else {}
+    names = {gpu.index: gpu.name for gpu in manager.planner.snapshot()}
+    rows = []
+    for share in inst.placement.gpus:
+        rows.append({
+            "index": share.index, "name": names.get(share.index, ""), "endpoint": share.endpoint or None,
+            "planned_mib": share.vram_mib, "layers": share.layers or None,
+            "reported": _reported(allocations.get(share.index)),
+        })
+    host = allocations.get(HOST_MEMORY)
+    if host is not None:
+        rows.append({"index": HOST_MEMORY, "name": "host", "endpoint": None, "planned_mib": None,
+                     "layers": None, "reported": _reported(host)})
+    return rows
+
+
+def _reported(item: DeviceAllocation | None) -> dict[str, float] | None:
+    if item is None:
+        return None
+    return {"model_mib": item.model_mib, "kv_mib": item.kv_mib, "compute_mib": item.compute_mib,
+            "total_mib": round(item.total_mib, 2)}
 
 
 def _idle_seconds(inst: Instance, now: float) -> float | None:
@@ -155,7 +186,11 @@ def gpu_report(manager: Manager) -> dict[str, Any]:
             "index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
             "total_mib": gpu.total_mib, "free_mib": gpu.free_mib, "used_mib": gpu.used_mib,
             "models": sorted(claims.get(gpu.index, []), key=lambda c: c["model"]),
-            "foreign_mib": 0 if planner.simulated else foreign,
+            "foreign_mib": 0 if planner.simulated or gpu.remote else foreign,
+            # "local", or "rpc" for a device of another machine at `endpoint`, which may not
+            # answer (`reachable`); `status` says what the last look at it found.
+            "kind": gpu.kind, "endpoint": gpu.endpoint or None, "reachable": gpu.reachable,
+            "status": gpu.status or None,
             **gpu.telemetry.as_dict(),
         })
     return {"note": planner.inventory.note, "gpus": cards}

@@ -54,6 +54,8 @@ class Supervision:
         code = engine.returncode
         tail = "\n".join(engine.log_tail())
         what = hung[0] if hung else f"exited unexpectedly with code {code}"
+        # An engine whose RPC device went away dies with it: say which one.
+        what = await manager.remote_devices.explain_exit(inst, what)
         if inst.state is State.SLEEPING:
             # Nobody was using it: no restart, the next request starts it afresh.
             log.warning("%s died while parked (%s)", inst.name, what)

@@ -12,13 +12,14 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llmd.drivers.base import Driver, offload_computes_on_cpu, splits_heads
+from llmd.drivers.base import DeviceAllocation, Driver, Placement, offload_computes_on_cpu, splits_heads, uses_rpc_devices
 
+from llmd.daemon.config import RpcDeviceConfig
 from llmd.daemon.util.atomic_write import write_json_atomic
 from llmd.daemon.util.state_file import expect, expect_number, read_state
 from llmd.daemon.errors import LlmdError
@@ -28,6 +29,8 @@ from llmd.daemon.placement.host import HostInfo, read_host
 from llmd.daemon.placement.inventory import GpuInfo, Inventory, SimulatedInventory, measure_pids_vram, open_inventory
 from llmd.daemon.models.profiles import Profile
 from llmd.daemon.placement.scheduler import ModelNeed, NoFit, Plan, RunningModel, need_for_profile, plan
+from llmd.daemon.placement.engine_report import attributed, measured_split, reported_per_device
+from llmd.daemon.placement.rpc_devices import RemoteDevices
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,12 @@ class Measurement:
     per_gpu_mib: dict[int, int]
     estimate_mib: int
     measured_at: float
+    # Set when the engine reported it (its log, see `Planner.learn_from_report`): the devices of
+    # that placement by uuid, in order, the layers on them (None: all) and the layers whose
+    # MoE experts stayed on the CPU. Such a measurement is reused for that placement only.
+    devices: tuple[str, ...] = ()
+    gpu_layers: int | None = None
+    cpu_moe: int = 0
 
     @property
     def total_mib(self) -> int:
@@ -97,14 +106,32 @@ def _parse_measurements(raw: Any) -> dict[str, Measurement]:
             per_gpu_mib=per_gpu,
             estimate_mib=expect_number(item["estimate_mib"], f"{name}.estimate_mib", integer=True),
             measured_at=expect_number(item["measured_at"], f"{name}.measured_at"),
+            **_parse_reported_placement(name, item, len(per_gpu)),
         )
     return found
 
 
+def _parse_reported_placement(name: str, item: dict[str, Any], cards: int) -> dict[str, Any]:
+    """The placement of a measurement the engine reported (absent from older files)."""
+    devices = tuple(expect(uuid, str, f"{name}.devices[]") for uuid in expect(item.get("devices", []), list, f"{name}.devices"))
+    if devices and len(devices) != cards:
+        raise ValueError(f"{name}.devices names {len(devices)} devices for {cards} measured")
+    layers = item.get("gpu_layers")
+    return {
+        "devices": devices,
+        "gpu_layers": None if layers is None else expect_number(layers, f"{name}.gpu_layers", minimum=0, integer=True),
+        "cpu_moe": expect_number(item.get("cpu_moe", 0), f"{name}.cpu_moe", minimum=0, integer=True),
+    }
+
+
 class Planner:
     def __init__(self, simulate: Path | None, state_dir: Path, margin_mib: int,
-                 drivers: Mapping[str, Driver] | None = None) -> None:
+                 drivers: Mapping[str, Driver] | None = None, rpc_devices: Sequence[RpcDeviceConfig] = ()) -> None:
         self.inventory: Inventory = open_inventory(simulate)
+        # Devices of other machines (`[[gpus.rpc]]`), after the local cards in every snapshot.
+        self.remote = RemoteDevices(rpc_devices)
+        # What each model's engine reported allocating at its last launch: (its pid, per device).
+        self.reports: dict[str, tuple[int, list[DeviceAllocation]]] = {}
         # How each engine uses devices (heads or layers split, CPU offload), for its needs.
         self.drivers: Mapping[str, Driver] = drivers or {}
         # The host's RAM and the cores llmd may use, read at each placement (tests replace it).
@@ -125,7 +152,10 @@ class Planner:
         cost a driver call each per card: for reports, never for placement."""
         # Placement asks only for memory, so it passes no argument, and a stand-in inventory
         # without telemetry need only offer a plain snapshot().
-        return self.inventory.snapshot(telemetry=True) if telemetry else self.inventory.snapshot()
+        local = self.inventory.snapshot(telemetry=True) if telemetry else self.inventory.snapshot()
+        if not self.remote:
+            return local
+        return [*local, *self.remote.gpu_infos(len(local))]
 
     def estimate(self, profile: Profile, model_path: Path | HeaderOnlyGguf) -> Estimate:
         """The estimate for this profile, read from the model's headers once per file and settings.
@@ -161,6 +191,12 @@ class Planner:
         fingerprint = _fingerprint(profile, model_path)  # one stat of the model file per plan
         estimate = self._estimate(profile, model_path, fingerprint)
         learned = self.measurements.get(profile.name, fingerprint)
+        if learned is not None and learned.devices:
+            # The engine's own report, per device, for the placement it was made on.
+            measured = measured_split(learned, LEARNED_SLACK)
+            need = replace(need_for_profile(profile, estimate), measured=measured)
+            where = ", ".join(f"{mib} MiB" for mib in learned.per_gpu_mib.values())
+            return need, estimate, f"estimated from the model file; the engine reported {where} on its last placement"
         if learned is not None and learned.total_mib > 0:
             need = ModelNeed.fixed(
                 profile.name,
@@ -202,7 +238,10 @@ class Planner:
         driver = self.drivers.get(profile.engine)
         if driver is None:
             return need
-        return replace(need, splits_heads=splits_heads(driver), offload_on_cpu=offload_computes_on_cpu(driver))
+        # An engine that uses RPC devices (llama.cpp) splits whole layers over its devices.
+        remote = uses_rpc_devices(driver)
+        return replace(need, splits_heads=splits_heads(driver), offload_on_cpu=offload_computes_on_cpu(driver),
+                       remote_devices=remote, layer_split=remote)
 
     def _cpu_need(self, profile: Profile, model_path: Path | HeaderOnlyGguf) -> ModelNeed:
         """The need of a model on a host without GPUs, for its host RAM: from the estimate when
@@ -218,11 +257,32 @@ class Planner:
     def claim(self, owner: str, pid: int, shares: dict[int, int]) -> None:
         """A simulated card's free memory follows what llmd starts, as a real card's would."""
         if isinstance(self.inventory, SimulatedInventory):
-            self.inventory.claim(owner, pid, shares)
+            local = {gpu.index for gpu in self.inventory.snapshot()}  # not the RPC devices after them
+            self.inventory.claim(owner, pid, {index: mib for index, mib in shares.items() if index in local})
 
     def release(self, owner: str) -> None:
         if isinstance(self.inventory, SimulatedInventory):
             self.inventory.release(owner)
+
+    def learn_from_report(
+        self, profile: Profile, model_path: Path, placement: Placement, pid: int, allocations: list[DeviceAllocation]
+    ) -> Measurement | None:
+        """Record what a freshly started engine reported allocating on each device of its
+        placement (its log), for `ps` and for the next plan of the same profile and placement."""
+        allocations = attributed(placement, allocations, simulated=self.simulated)
+        self.reports[profile.name] = (pid, allocations)
+        per_device = reported_per_device(placement, allocations)
+        if per_device is None:
+            return None
+        measurement = Measurement(
+            _fingerprint(profile, model_path), per_device, placement.vram_mib, time.time(),
+            devices=tuple(share.uuid for share in placement.gpus), gpu_layers=placement.gpu_layers,
+            cpu_moe=placement.cpu_moe_layers,
+        )
+        self.measurements.record(profile.name, measurement)
+        log.info("%s: the engine reported %s MiB per device (planned %s)", profile.name,
+                 measurement.per_gpu_mib, placement.per_card())
+        return measurement
 
     def usage_of(self, pids: set[int]) -> dict[int, int]:
         """MiB per card that these processes hold now."""

@@ -26,6 +26,13 @@ A model with requests in flight, or a pinned one, is never evicted.
 
 Then the CPU side (`cpu_plan`), when the caller gives the host: the cores of an engine that
 computes on the CPU, and the host RAM of what stays in host memory, a ledger like a card's.
+
+Devices on other machines (llama.cpp RPC, `GpuInfo.remote`) take only models whose engine can
+use them (`ModelNeed.remote_devices`), only while they answer, and one model at a time: an RPC
+server serves one client, so a model on it holds all of it. They pay no CUDA context on this
+machine. An engine that splits whole layers over its devices (`ModelNeed.layer_split`,
+llama.cpp) is sized device by device, the way it will place its layers; and a placement it was
+measured on before (`ModelNeed.measured`) is planned with the measured figures.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from typing import TYPE_CHECKING, Literal
 from llmd.drivers.base import GpuShare, Placement
 
 from llmd.daemon.placement.cpu_plan import plan_cpu_side
-from llmd.daemon.placement.estimate import GPU_OVERHEAD_MIB
+from llmd.daemon.placement.estimate import GPU_OVERHEAD_MIB, split_compute_bytes
+from llmd.drivers.estimate import ComputeParts
 from llmd.daemon.placement.host import HostInfo
 from llmd.daemon.placement.inventory import GpuInfo
 
@@ -48,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MARGIN_MIB",
+    "MeasuredSplit",
     "ModelNeed",
     "NoFit",
     "Plan",
@@ -63,6 +72,19 @@ DEFAULT_MARGIN_MIB = 512
 _MIB = 1024 * 1024
 
 OffloadRule = Literal["none", "auto", "moe-experts"] | int
+
+
+@dataclass(frozen=True)
+class MeasuredSplit:
+    """What the engine itself reported allocating at its last launch, and on which placement:
+    the devices (by uuid, in placement order), the layers on them (None: all) and the layers
+    whose MoE experts stayed on the CPU. `mib` is what to reserve on each device for the same
+    placement, slack included, without the CUDA context (no engine reports it)."""
+
+    devices: tuple[str, ...]
+    gpu_layers: int | None
+    cpu_moe: int
+    mib: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -97,6 +119,17 @@ class ModelNeed:
     offload_on_cpu: bool = True
     # `[launch] threads`: the cores (one thread each) asked for on the CPU; None: an even share.
     threads: int | None = None
+    # The engine can use devices on other machines (llama.cpp RPC).
+    remote_devices: bool = False
+    # Over several devices, the engine gives each whole layers (llama.cpp's layer split, the
+    # output layer counted as one more), keeps the input embeddings on the CPU and puts the
+    # output head (`output_mib` of `non_layer_mib`; 0: unknown, all of it) on the last device.
+    layer_split: bool = False
+    output_mib: float = 0.0
+    # The compute buffer in parts, to size it device by device in a layer split (None: the
+    # whole `compute_mib` on each device).
+    compute_parts: ComputeParts | None = None
+    measured: MeasuredSplit | None = None
 
     def __post_init__(self) -> None:
         if len(self.layer_mib) != self.n_layers:
@@ -231,6 +264,8 @@ def need_for_profile(profile: Profile, estimate: Estimate | None) -> ModelNeed:
         n_head_kv=estimate.n_head_kv,
         moe_expert_mib=tuple(b / _MIB for b in estimate.moe_expert_bytes) if any(estimate.moe_expert_bytes) else (),
         overhead_mib=estimate.gpu_overhead_mib,
+        output_mib=estimate.output_bytes / _MIB,
+        compute_parts=estimate.compute_parts,
         tensor_parallel=launch.tensor_parallel,
         offload=launch.offload,
         allowed_gpus=allowed,
@@ -253,6 +288,14 @@ class _Card:
     room: int
     # Room if every evictable model on this card stopped.
     potential: int
+    # The per-card overhead this device does not pay (an RPC device has no CUDA context here),
+    # counted into `room` and `potential` so that every card is compared with the same need.
+    credit: int = 0
+    endpoint: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"GPU{self.index}" + (f" (RPC {self.endpoint})" if self.endpoint else "")
 
 
 @dataclass(frozen=True)
@@ -271,6 +314,7 @@ class _Sizer:
 
     def __init__(self, need: ModelNeed) -> None:
         self.need = need
+        self._layer_split = need.layer_split and need.n_layers > 0
         n = need.n_layers
         self._layer_suffix = [0.0] * (n + 1)  # _layer_suffix[g] = MiB of the last g layers
         for g in range(1, n + 1):
@@ -282,6 +326,8 @@ class _Sizer:
 
     def per_card(self, gpu_layers: int, cpu_moe: int, width: int) -> int:
         need = self.need
+        if self._layer_split and width > 1:
+            return math.ceil(max(self.split(gpu_layers, cpu_moe, width)[1]) + need.overhead_mib)
         on_gpu = self._layer_suffix[gpu_layers] - self._expert_prefix[cpu_moe]
         on_gpu += need.kv_per_layer_mib * gpu_layers
         if gpu_layers or need.n_layers == 0:
@@ -292,6 +338,57 @@ class _Sizer:
 
     def shape(self, gpu_layers: int, cpu_moe: int, width: int) -> _Shape:
         return _Shape(gpu_layers, cpu_moe, width, self.per_card(gpu_layers, cpu_moe, width))
+
+    def splits_layers(self, width: int) -> bool:
+        return self._layer_split and width > 1
+
+    def _device_compute(self, layers: list[int], *, holds_output: bool, pipelined: bool) -> float:
+        """The compute buffer of a device that runs `layers` (and the output head)."""
+        need = self.need
+        if need.compute_parts is None:
+            return need.compute_mib
+        return split_compute_bytes(
+            need.compute_parts, first=bool(layers) and layers[0] == 0, holds_output=holds_output,
+            layers=len(layers), last_layer=bool(layers) and layers[-1] == need.n_layers - 1, pipelined=pipelined,
+        ) / _MIB
+
+    def split(self, gpu_layers: int, cpu_moe: int, width: int) -> tuple[list[int], list[float]]:
+        """How a layer-splitting engine spreads the shape over `width` devices: the layers on
+        each (the output layer counted as one, as llama.cpp's `-ngl` and `--tensor-split` count
+        it) and the MiB on each, before the per-card overhead.
+
+        With `-ngl g` below the layer count, llama.cpp offloads the output layer and the last
+        g - 1 layers; with all of them, n + 1 units. Device j takes the next `counts[j]` units,
+        the first devices one more when they do not divide evenly, so the device that also
+        holds the output head has the fewest layers. Each device runs the graph of its own
+        layers: its compute buffer is counted on each.
+        """
+        need = self.need
+        n = need.n_layers
+        units = n + 1 if gpu_layers >= n else gpu_layers
+        first = n + 1 - units  # the first layer on the devices
+        counts = [units // width + (1 if j < units % width else 0) for j in range(width)]
+        experts = need.moe_expert_mib or (0.0,) * n
+        output = need.output_mib or need.non_layer_mib
+        # llama.cpp pipelines micro-batches over the devices when all layers are on them and no
+        # tensor is kept elsewhere by name (as --n-cpu-moe does).
+        pipelined = units == n + 1 and cpu_moe == 0
+        sizes = []
+        unit = 0
+        for count in counts:
+            layers = [first + u for u in range(unit, unit + count) if first + u < n]
+            mib = self._device_compute(layers, holds_output=unit + count == units, pipelined=pipelined)
+            for u in range(unit, unit + count):
+                layer = first + u
+                if layer >= n:
+                    mib += output
+                    continue
+                mib += need.layer_mib[layer] + need.kv_per_layer_mib
+                if layer < cpu_moe:
+                    mib -= experts[layer]
+            sizes.append(mib)
+            unit += count
+        return counts, sizes
 
 
 def plan(
@@ -338,6 +435,13 @@ def _plan_devices(
     if need.allowed_gpus is not None and not need.allowed_gpus:
         reason = "placement.gpus is empty: running on the CPU"
         return Plan(Placement(gpu_layers=0, ctx=need.ctx, reason=reason), (), reason)
+    if any(gpu.kind != "local" or not gpu.reachable for gpu in gpus):
+        usable = [gpu for gpu in gpus if gpu.reachable and (need.remote_devices or not gpu.remote)]
+        if not usable:
+            reason = f"no device it can use ({_unusable(need, gpus)}): running on the CPU"
+            return Plan(Placement(gpu_layers=0, ctx=need.ctx, reason=reason), (), reason)
+        gpus = usable
+        running = _holding_whole_remote_devices(running, gpus)
 
     cards = _cards(need, gpus, running, margin_mib)
     if not cards:
@@ -355,6 +459,10 @@ def _plan_devices(
             return Plan(Placement(gpu_layers=0, ctx=need.ctx, reason=reason), (), reason)
 
     sizer = _Sizer(need)
+    if need.measured is not None:
+        again = _measured_again(need, need.measured, cards, base_layers)
+        if again is not None:
+            return again
     widths = _tp_widths(need, len(cards))
     evictable = sorted(
         (m for m in running if m.evictable),
@@ -368,7 +476,7 @@ def _plan_devices(
         found = _offloaded(need, sizer, cards, widths, base_layers, use_potential=False)
     if found is not None:
         shape, group = found
-        return _make_plan(need, shape, group, ())
+        return _make_plan(sizer, shape, group, ())
 
     # 4: the same shapes, after stopping idle models.
     best = _whole_with_eviction(sizer, cards, widths, base_layers, evictable)
@@ -376,7 +484,7 @@ def _plan_devices(
         best = _offloaded_with_eviction(need, sizer, cards, widths, base_layers, evictable)
     if best is not None:
         shape, group, evicted = best
-        return _make_plan(need, shape, group, evicted)
+        return _make_plan(sizer, shape, group, evicted)
 
     hints = _fitting_hints(need, gpus, running, margin_mib) if suggest else []
     return NoFit(_no_fit_reason(need, sizer, by_index, widths, base_layers, running, margin_mib, hints))
@@ -400,6 +508,75 @@ def _fitting_hints(need: ModelNeed, gpus: Sequence[GpuInfo], running: Sequence[R
     return hints
 
 
+def _unusable(need: ModelNeed, gpus: Sequence[GpuInfo]) -> str:
+    """Why none of `gpus` takes `need`: all are RPC devices its engine cannot use, or do not answer."""
+    why = []
+    if not need.remote_devices and any(gpu.remote for gpu in gpus):
+        why.append("its engine cannot use RPC devices")
+    down = [gpu.endpoint for gpu in gpus if gpu.remote and not gpu.reachable]
+    if down:
+        why.append("RPC device " + ", ".join(down) + (" does" if len(down) == 1 else " do") + " not answer")
+    return "; ".join(why) or "none is usable"
+
+
+def _holding_whole_remote_devices(running: Sequence[RunningModel], gpus: Sequence[GpuInfo]) -> list[RunningModel]:
+    """`running`, each model on an RPC device claiming all of it: the server serves one engine
+    at a time, so nothing else fits beside it, and stopping it frees the whole device."""
+    whole = {gpu.index: gpu.total_mib for gpu in gpus if gpu.remote}
+    if not whole:
+        return list(running)
+    held = []
+    for model in running:
+        if any(index in whole and mib > 0 for index, mib in model.gpus.items()):
+            gpus_held = {i: (max(mib, whole[i]) if i in whole and mib > 0 else mib) for i, mib in model.gpus.items()}
+            model = replace(model, gpus=gpus_held)
+        held.append(model)
+    return held
+
+
+def _measured_again(need: ModelNeed, measured: MeasuredSplit, cards: Sequence[_Card], layers: int) -> Plan | None:
+    """The placement the engine was measured on, with the measured figures, when each of its
+    devices has room for them now and the profile still allows its shape; else None."""
+    by_uuid = {card.uuid: card for card in cards}
+    group = [by_uuid.get(uuid) for uuid in measured.devices]
+    if not group or any(card is None for card in group) or len(measured.mib) != len(group):
+        return None
+    width = len(group)
+    if width > 1 and need.tensor_parallel not in ("auto", width):
+        return None
+    whole = need.n_layers == 0 or layers >= need.n_layers
+    shape_allowed = (measured.gpu_layers is None and whole) or measured.gpu_layers == layers or need.offload == "auto"
+    if not shape_allowed or (measured.cpu_moe and need.offload != "moe-experts"):
+        return None
+    overhead = math.ceil(need.overhead_mib)
+    wanted = [mib + overhead for mib in measured.mib]
+    if any(card.room < mib for card, mib in zip(group, wanted)):  # type: ignore[union-attr]
+        return None
+    cards_used = tuple(card for card in group if card is not None)
+    shares = tuple(
+        GpuShare(index=c.index, uuid=c.uuid, vram_mib=mib - c.credit, total_mib=c.total, endpoint=c.endpoint,
+                 layers=_measured_layers(need, measured, len(cards_used), j))
+        for j, (c, mib) in enumerate(zip(cards_used, wanted))
+    )
+    where = " + ".join(f"{c.label} {s.vram_mib} MiB" for c, s in zip(cards_used, shares))
+    reason = f"on {where}, as the engine reported at its last launch on them"
+    if measured.gpu_layers is not None and need.n_layers:
+        reason += f"; {measured.gpu_layers} of {need.n_layers} layers on GPU, the rest on the CPU"
+    if measured.cpu_moe:
+        reason += f"; MoE experts of {measured.cpu_moe} of {need.n_layers} layers on the CPU"
+    placement = Placement(gpus=shares, gpu_layers=measured.gpu_layers, cpu_moe_layers=measured.cpu_moe,
+                          ctx=need.ctx, reason=reason)
+    return Plan(placement, (), reason)
+
+
+def _measured_layers(need: ModelNeed, measured: MeasuredSplit, width: int, j: int) -> int:
+    """The layers device j took at the measured launch (the same split is asked for again)."""
+    if width < 2 or not need.layer_split or not need.n_layers:
+        return 0
+    gpu_layers = need.n_layers if measured.gpu_layers is None else measured.gpu_layers
+    return _Sizer(need).split(gpu_layers, measured.cpu_moe, width)[0][j]
+
+
 def _cards(need: ModelNeed, gpus: Sequence[GpuInfo], running: Sequence[RunningModel], margin: int) -> list[_Card]:
     claims: dict[int, int] = {}
     evictable_claims: dict[int, int] = {}
@@ -413,9 +590,12 @@ def _cards(need: ModelNeed, gpus: Sequence[GpuInfo], running: Sequence[RunningMo
     for gpu in sorted(gpus, key=lambda g: g.index):
         if allowed is not None and gpu.index not in allowed:
             continue
-        room = min(gpu.total_mib - claims.get(gpu.index, 0), gpu.free_mib - margin)
+        keep = margin if gpu.margin_mib is None else gpu.margin_mib
+        credit = math.ceil(need.overhead_mib) if gpu.kind == "rpc" else 0
+        room = min(gpu.total_mib - claims.get(gpu.index, 0), gpu.free_mib - keep) + credit
         cards.append(
-            _Card(gpu.index, gpu.uuid, gpu.name, gpu.total_mib, room, room + evictable_claims.get(gpu.index, 0))
+            _Card(gpu.index, gpu.uuid, gpu.name, gpu.total_mib, room, room + evictable_claims.get(gpu.index, 0),
+                  credit, gpu.endpoint)
         )
     return cards
 
@@ -638,15 +818,28 @@ def _offloaded_with_eviction(
 # Output
 
 
-def _make_plan(need: ModelNeed, shape: _Shape, group: Sequence[_Card], evicted: Sequence[RunningModel]) -> Plan:
-    shares = tuple(GpuShare(index=c.index, uuid=c.uuid, vram_mib=shape.per_card, total_mib=c.total) for c in group)
-    where = "+".join(f"GPU{c.index}" for c in group)
+def _make_plan(sizer: _Sizer, shape: _Shape, group: Sequence[_Card], evicted: Sequence[RunningModel]) -> Plan:
+    need = sizer.need
+    if sizer.splits_layers(shape.width):
+        # Each device as the engine will fill it: its own layers, the output head on the last.
+        counts, sizes = sizer.split(shape.gpu_layers, shape.cpu_moe, shape.width)
+        wanted = [math.ceil(mib + need.overhead_mib) for mib in sizes]
+    else:
+        counts, wanted = [0] * len(group), [shape.per_card] * len(group)
+    shares = tuple(
+        GpuShare(index=c.index, uuid=c.uuid, vram_mib=mib - c.credit, total_mib=c.total, endpoint=c.endpoint, layers=layers)
+        for c, mib, layers in zip(group, wanted, counts)
+    )
+    where = "+".join(c.label for c in group)
     names = ", ".join(sorted({c.name for c in group}))
     # Room as it will be once the evicted models have stopped (or been parked).
-    room = min(c.room + sum(m.frees(c.index) for m in evicted) for c in group)
+    room = min(c.room - c.credit + sum(m.frees(c.index) for m in evicted) for c in group)
     parts = []
     if shape.width == 1:
-        parts.append(f"on {where} ({names}): {shape.per_card} MiB of {room} MiB free")
+        parts.append(f"on {where} ({names}): {shares[0].vram_mib} MiB of {room} MiB free")
+    elif sizer.splits_layers(shape.width):
+        each = ", ".join(f"{s.layers} layers and {s.vram_mib} MiB on GPU{s.index}" for s in shares)
+        parts.append(f"split over {where} ({names}): {each}; {room} MiB free on the tightest")
     else:
         parts.append(
             f"tensor parallel over {where} ({names}): {shape.per_card} MiB on each, "
@@ -688,7 +881,8 @@ def _no_fit_reason(
                 f"({need.n_head} query, {need.n_head_kv} KV)"
             )
     free = "; ".join(
-        f"GPU{c.index} ({c.name}) {max(c.room, 0)} MiB free, {max(c.potential, 0)} MiB if idle models stopped"
+        f"{c.label} ({c.name}) {max(c.room - c.credit, 0)} MiB free, "
+        f"{max(c.potential - c.credit, 0)} MiB if idle models stopped"
         for c in cards.values()
     )
     blockers = []
