@@ -118,7 +118,10 @@ def test_a_probe_reads_the_device_memory_and_tells_busy_from_gone() -> None:
     idle = FakeRpcServer(free=3000, total=8000)
     busy = FakeRpcServer(free=1, total=1, busy=True)
     old = FakeRpcServer(free=1, total=1, major=3)
+    several = FakeRpcServer(free=1, total=1, devices=2)
     try:
+        found = probe_rpc_server(several.endpoint)
+        assert found.status == "unreachable" and "one per endpoint" in found.detail
         assert probe_rpc_server(idle.endpoint) == RpcProbe("ok", total_mib=8000, free_mib=3000, devices=1, version="7.0.0")
         assert probe_rpc_server(busy.endpoint, answer_timeout=0.2).status == "busy"
         found = probe_rpc_server(old.endpoint)
@@ -126,7 +129,7 @@ def test_a_probe_reads_the_device_memory_and_tells_busy_from_gone() -> None:
         gone = probe_rpc_server(f"127.0.0.1:{_closed_port()}")
         assert gone.status == "unreachable" and "refused" in gone.detail
     finally:
-        for server in (idle, busy, old):
+        for server in (idle, busy, old, several):
             server.close()
 
 

@@ -102,8 +102,11 @@ def _converse(sock: socket.socket) -> RpcProbe:
                    "run the same llama.cpp version on both machines",
         )
     (count,) = struct.unpack("<I", _request(sock, _CMD_DEVICE_COUNT, b"", 4))
-    if count < 1:
-        return RpcProbe("unreachable", version=version, detail="it serves no device")
+    if count != 1:
+        # llama-server numbers the devices of all its servers in one sequence (RPC0, RPC1...):
+        # with one device per endpoint, llmd knows each one's name.
+        what = "no device" if count < 1 else f"{count} devices; llmd uses one per endpoint: run one `llmd rpc-server --device NAME` per device"
+        return RpcProbe("unreachable", version=version, devices=count, detail=f"it serves {what}")
     free, total = struct.unpack("<QQ", _request(sock, _CMD_GET_DEVICE_MEMORY, struct.pack("<I", 0), 16))
     return RpcProbe("ok", total_mib=total // _MIB, free_mib=free // _MIB, devices=count, version=version)
 
