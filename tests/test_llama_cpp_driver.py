@@ -33,7 +33,8 @@ def test_cpu_placement() -> None:
     assert _flag(argv, "--parallel") == "2"
     assert _flag(argv, "-ngl") == "0" and _flag(argv, "--fit") == "off"
     assert spec.env["CUDA_VISIBLE_DEVICES"] == ""
-    assert argv[-2:] == ["--jinja", "a b; rm -rf /"]  # verbatim argv items, no shell
+    # Verbatim argv items, no shell, right before llmd's own listen flags, which come last to win.
+    assert argv[-6:] == ["--jinja", "a b; rm -rf /", "--host", "127.0.0.1", "--port", "4321"]
     assert spec.readiness.path == "/health"
 
 
@@ -63,7 +64,7 @@ def test_a_kv_dir_adds_the_slot_save_path_and_says_how_to_use_it() -> None:
     request = dataclasses.replace(_request(Placement(ctx=2048), parallel=3), kv_dir=Path("/state/kv/qwen/abc"))
     spec = LlamaCppDriver().launch(request)
     assert _flag(spec.argv, "--slot-save-path") == "/state/kv/qwen/abc"
-    assert spec.argv[-2:] == ["--jinja", "a b; rm -rf /"]  # the user's own flags stay last
+    assert spec.argv[-6:-4] == ["--jinja", "a b; rm -rf /"]  # the user's own flags, then llmd's listen flags
     assert spec.kv is not None
     assert spec.kv.directory == Path("/state/kv/qwen/abc") and spec.kv.slots == 3
     assert spec.kv.save_path.format(slot=2) == "/slots/2?action=save"
