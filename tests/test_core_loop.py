@@ -215,7 +215,11 @@ def test_client_disconnect_cancels_upstream(make_daemon, tiny_gguf: Path) -> Non
 def test_sigterm_leaves_no_engine(make_daemon, tiny_gguf: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.gguf"
     other.write_bytes(tiny_gguf.read_bytes())
-    daemon = make_daemon({"tiny": tiny_profile(tiny_gguf), "other": tiny_profile(other)})
+    # One core each, so that both CPU engines run at once (with an even share, the second would
+    # stop the idle first one to get cores of its own).
+    one_core = {name: tiny_profile(path).replace("ctx = 512", "ctx = 512\nthreads = 1")
+                for name, path in (("tiny", tiny_gguf), ("other", other))}
+    daemon = make_daemon(one_core)
     daemon.llmctl("load", "tiny")
     daemon.llmctl("load", "other")
     assert len(engine_processes(daemon.state_dir)) == 2
