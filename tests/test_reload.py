@@ -20,13 +20,19 @@ def _pids(daemon) -> dict[str, int | None]:  # type: ignore[no-untyped-def]
 def test_sighup_restarts_only_changed_profiles(make_daemon, tiny_gguf: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.gguf"
     other.write_bytes(tiny_gguf.read_bytes())
-    daemon = make_daemon({"a": tiny_profile(tiny_gguf), "b": tiny_profile(other), "gone": tiny_profile(other)})
+    # One core each, so that the three CPU engines stay loaded together (with an even share of the
+    # cores, each new one would stop the idle ones).
+    def one_core(profile: str) -> str:
+        return profile.replace("ctx = 512", "ctx = 512\nthreads = 1").replace("ctx = 1024", "ctx = 1024\nthreads = 1")
+
+    daemon = make_daemon({"a": one_core(tiny_profile(tiny_gguf)), "b": one_core(tiny_profile(other)),
+                          "gone": one_core(tiny_profile(other))})
     for name in ("a", "b", "gone"):
         daemon.llmctl("load", name)
     before = _pids(daemon)
 
-    daemon.add_profile("a", tiny_profile(tiny_gguf, ctx=1024))  # changed
-    daemon.add_profile("new", tiny_profile(other))  # added
+    daemon.add_profile("a", one_core(tiny_profile(tiny_gguf, ctx=1024)))  # changed
+    daemon.add_profile("new", one_core(tiny_profile(other)))  # added
     (daemon.profiles_dir / "gone.toml").unlink()  # removed
     assert daemon.process is not None
     daemon.process.send_signal(signal.SIGHUP)
