@@ -22,6 +22,9 @@ def test_each_request_lands_on_its_engine(  # type: ignore[no-untyped-def]
         "fast": tiny_profile(tiny_gguf, engine="fastllm"),
         "vl": tiny_profile(tiny_hf_dir, engine="vllm", extra_args=["--load-format", "dummy", "--enforce-eager"]),
     }
+    # One core each, so that the three CPU engines stay loaded together (with an even share of the
+    # cores, each new one would stop the idle ones).
+    profiles = {name: profile.replace("ctx = 512", "ctx = 512\nthreads = 1") for name, profile in profiles.items()}
     config = (
         f"[engines.fastllm]\ncommand = {json.dumps(fastllm_command)}\n"
         f"[engines.vllm]\ncommand = {json.dumps(vllm_command)}\n"
